@@ -1,0 +1,312 @@
+"""Typed configuration: every default lives here.
+
+The dataclass defaults are the embedded quick run (MoCo v2 on scikit-learn's
+digits with a tiny convnet, about two minutes on 2 CPU cores); the research
+recipes for real datasets (ResNet-18, 200 epochs, batch 512, ...) are the YAML
+files in configs/.
+
+Precedence (lowest to highest): dataclass defaults < YAML file (--config) <
+CLI flags < trailing ``key=value`` overrides.  ``None`` / ``"auto"`` values are
+filled by :func:`resolve` from the dataset and method (e.g. the temperature of
+the chosen method), so the ``config.yaml`` saved with every run holds only
+concrete values.  Unknown keys, wrong types and impossible values raise
+:class:`ConfigError` naming the key and, where there is one, the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+METHOD_CHOICES = ("simclr", "moco", "byol")
+DATASET_CHOICES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
+BACKBONE_CHOICES = ("auto", "tiny", "resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+OPTIMIZER_CHOICES = ("sgd", "lars")
+RAMP_CHOICES = ("linear", "none")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    root: Optional[str] = None  # dataset directory (required for imagefolder)
+    download: bool = False  # torchvision datasets only; needs internet
+    image_size: Optional[int] = None  # None: the dataset's native size (digits: 32)
+    decode_workers: int = 0  # processes that decode image folders; 0 = all cores
+    on_device: str = "auto"  # keep the uint8 dataset on the training device: auto|yes|no
+    mean: Optional[List[float]] = None  # normalisation statistics; None: dataset's
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class AugConfig:
+    """View augmentation (SimCLR Sec. 3 / Appendix A; BYOL Table 6).
+
+    Two-element lists are per view (view 1, view 2): BYOL's views are asymmetric.
+    None means the method's default (resolved and saved)."""
+
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # 0.08 on ImageNet
+    crop_ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: Optional[List[float]] = None  # simclr/moco: 0 (small images) or 0.5; byol: [1.0, 0.1]
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: Optional[List[float]] = None  # simclr/moco: [0, 0]; byol: [0.0, 0.2]
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "auto"  # auto: tiny for digits, resnet18 otherwise
+    small_images: Optional[bool] = None  # 3x3 stem, no max-pool; None: image_size <= 64
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "moco"
+    temperature: Optional[float] = None  # simclr 0.5, moco 0.1 (CIFAR, symmetric) / 0.2
+    proj_hidden_dim: Optional[int] = None  # simclr/moco 2048, byol 4096
+    proj_dim: Optional[int] = None  # simclr/moco 128, byol 256
+    pred_hidden_dim: int = 4096  # byol predictor
+    momentum: float = 0.99  # EMA start value; cosine schedule to momentum_final
+    momentum_final: float = 1.0
+    queue_size: int = 1024  # moco negatives (CIFAR recipes: 4096; keep it well below 2 x dataset size)
+    symmetric: bool = True  # moco symmetric loss
+    shuffle_bn: bool = True  # moco: shuffle the key batch (across ranks under DDP)
+
+
+@dataclass
+class SecConfig:
+    """Spherical embedding constraint (Zhang et al., NeurIPS 2020)."""
+
+    enabled: bool = False
+    weight: float = 0.1  # eta; see README "SEC weight" for the measurement behind it
+    ema: float = 1.0  # rho: weight of the current batch in the mean norm; 1.0 = batch mean
+    ramp: str = "linear"  # eta ramp over training: linear (authors' SSL code) | none
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"
+    epochs: int = 15
+    max_steps: Optional[int] = None  # stop after this many optimiser steps (schedule unchanged)
+    batch_size: int = 64
+    lr: Optional[float] = None  # None: base_lr * batch_size / 128
+    base_lr: float = 0.06
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    lars_eta: float = 0.02  # LARS trust coefficient
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1  # kNN monitor period; 0 disables it (the step-0 baseline too)
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    bank_size: int = 50000  # cap on kNN bank (train split) size; stratified subset
+    test_size: int = 10000  # cap on kNN queries (test split)
+    batch_size: int = 512
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs"
+    run_name: Optional[str] = None  # None: <dataset>_<method>[_sec]_s<seed>
+    resume: Optional[str] = None  # checkpoint path or "auto"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    log_every: int = 10  # steps between progress/TensorBoard updates (and NaN checks)
+    ckpt_every_epochs: int = 0  # keep epoch_XXXX.pt every N epochs (last.pt always)
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    sec: SecConfig = field(default_factory=SecConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Method defaults (DESIGN.md "Method interface"): the CIFAR recipes of the papers.
+_METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    # SimCLR (Chen et al. 2020, Appendix B.9 CIFAR): T=0.5, 2048-128 head
+    "simclr": dict(temperature=0.5, proj_hidden_dim=2048, proj_dim=128),
+    # MoCo v2 CIFAR (moco colab demo: symmetric loss, T=0.1)
+    "moco": dict(temperature=0.1, proj_hidden_dim=2048, proj_dim=128),
+    # BYOL (Grill et al. 2020, Sec. 3.3): 4096-256 projector and predictor
+    "byol": dict(temperature=None, proj_hidden_dim=4096, proj_dim=256),
+}
+
+
+def _error_from_omegaconf(exc: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = getattr(exc, "msg", str(exc))
+    if isinstance(exc, ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = Config()
+        for part in parent.split(".") if parent else []:
+            node = getattr(node, part, None)
+        valid = sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+        prefix = f"{parent}." if parent else ""
+        return ConfigError(
+            f"unknown config key '{key}' ({where}); valid keys here: "
+            + ", ".join(prefix + v for v in valid)
+        )
+    if isinstance(exc, ValidationError):
+        return ConfigError(f"bad value for config key '{key}' ({where}): {msg}")
+    return ConfigError(f"config error at '{key}' ({where}): {msg}")
+
+
+def structured() -> DictConfig:
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def merge(cfg: DictConfig, other: Any, where: str) -> DictConfig:
+    """Merge ``other`` (dict / DictConfig) into ``cfg`` with type checks."""
+    try:
+        return OmegaConf.merge(cfg, other)
+    except OmegaConfBaseException as exc:
+        raise _error_from_omegaconf(exc, where) from None
+
+
+def load_yaml(path: str) -> DictConfig:
+    try:
+        data = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except Exception as exc:  # yaml syntax errors
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if data is None:
+        data = OmegaConf.create({})
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data:, method:, ...)")
+    return data
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Apply ``section.key=value`` strings (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"cannot read override '{item}': write it as section.key=value, e.g. method.temperature=0.2"
+            )
+        try:
+            dotlist = OmegaConf.from_dotlist([item])
+        except Exception as exc:
+            raise ConfigError(f"cannot parse override '{item}': {exc}") from None
+        cfg = merge(cfg, dotlist, f"override '{item}'")
+    return cfg
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"invalid value {value!r} for '{key}'; valid choices: {', '.join(choices)}")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"invalid value for '{key}': {message}")
+
+
+def resolve(cfg: DictConfig) -> DictConfig:
+    """Validate choices/ranges and fill every ``None``/``auto`` default."""
+    c = cfg
+    _check_choice("data.dataset", c.data.dataset, DATASET_CHOICES)
+    _check_choice("method.name", c.method.name, METHOD_CHOICES)
+    _check_choice("model.backbone", c.model.backbone, BACKBONE_CHOICES)
+    _check_choice("run.device", c.run.device, DEVICE_CHOICES)
+    _check_choice("run.precision", c.run.precision, PRECISION_CHOICES)
+    _check_choice("optim.optimizer", c.optim.optimizer, OPTIMIZER_CHOICES)
+    _check_choice("sec.ramp", c.sec.ramp, RAMP_CHOICES)
+    _check_choice("data.on_device", c.data.on_device, ("auto", "yes", "no"))
+
+    name = c.method.name
+    for k, v in _METHOD_DEFAULTS[name].items():
+        if c.method[k] is None:
+            c.method[k] = v
+    if c.model.backbone == "auto":
+        c.model.backbone = "tiny" if c.data.dataset == "digits" else "resnet18"
+    if c.data.dataset == "imagefolder":
+        _check(c.data.root is not None, "data.root", "--dataset imagefolder needs --data-root DIR (DIR/train/<class>/*)")
+    if c.data.image_size is None:
+        if c.data.dataset == "imagefolder":
+            from .data import folder_image_size  # reads one image header
+
+            c.data.image_size = folder_image_size(c.data.root)
+        else:
+            c.data.image_size = 96 if c.data.dataset == "stl10" else 32
+    if c.model.small_images is None:
+        c.model.small_images = c.data.image_size <= 64
+    small = c.data.image_size <= 64
+    if c.aug.blur_p is None:
+        # SimCLR drops blur on CIFAR (Appendix B.9); BYOL keeps its asymmetric pair (Table 6).
+        c.aug.blur_p = [1.0, 0.1] if name == "byol" else ([0.0, 0.0] if small else [0.5, 0.5])
+    if c.aug.solarize_p is None:
+        c.aug.solarize_p = [0.0, 0.2] if name == "byol" else [0.0, 0.0]
+    if c.optim.lr is None:
+        c.optim.lr = c.optim.base_lr * c.optim.batch_size / 128
+
+    # ranges
+    for key in ("blur_p", "solarize_p", "crop_scale", "crop_ratio", "blur_sigma"):
+        _check(len(c.aug[key]) == 2, f"aug.{key}", f"needs 2 values, got {list(c.aug[key])}")
+    for key in ("hflip_p", "jitter_p", "grayscale_p"):
+        _check(0.0 <= c.aug[key] <= 1.0, f"aug.{key}", f"a probability in [0, 1], got {c.aug[key]}")
+    for key in ("blur_p", "solarize_p"):
+        _check(all(0.0 <= p <= 1.0 for p in c.aug[key]), f"aug.{key}", "probabilities in [0, 1]")
+    _check(0 < c.aug.crop_scale[0] <= c.aug.crop_scale[1] <= 1.0, "aug.crop_scale", "need 0 < min <= max <= 1")
+    _check(0 < c.aug.crop_ratio[0] <= c.aug.crop_ratio[1], "aug.crop_ratio", "need 0 < min <= max")
+    _check(0 <= c.aug.hue <= 0.5, "aug.hue", f"must be in [0, 0.5], got {c.aug.hue}")
+    for key in ("brightness", "contrast", "saturation"):
+        _check(c.aug[key] >= 0, f"aug.{key}", "must be >= 0")
+    _check(c.data.image_size >= 8, "data.image_size", "must be >= 8")
+    _check(c.optim.batch_size >= 2, "optim.batch_size", "must be >= 2 (contrastive losses need negatives)")
+    _check(c.optim.epochs >= 1, "optim.epochs", "must be >= 1")
+    _check(c.optim.max_steps is None or c.optim.max_steps >= 1, "optim.max_steps", "must be >= 1")
+    _check(c.optim.lr > 0, "optim.lr", "must be > 0")
+    _check(c.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    _check(c.method.temperature is None or c.method.temperature > 0, "method.temperature", "must be > 0")
+    _check(0.0 <= c.method.momentum <= c.method.momentum_final <= 1.0, "method.momentum",
+           "need 0 <= momentum <= momentum_final <= 1")
+    if name == "moco":
+        per_step = c.optim.batch_size * (2 if c.method.symmetric else 1)
+        _check(c.method.queue_size >= per_step, "method.queue_size",
+               f"must hold at least the keys of one step ({per_step} = batch x views); raise it or lower the batch")
+    _check(0.0 < c.sec.ema <= 1.0, "sec.ema", f"rho must be in (0, 1] (1 = batch mean), got {c.sec.ema}")
+    _check(c.sec.weight >= 0, "sec.weight", "must be >= 0")
+    _check(c.eval.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
+    _check(c.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
+    _check(c.run.log_every >= 1, "run.log_every", "must be >= 1")
+    return cfg
+
+
+def to_container(cfg: DictConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # plain dict: safe for torch.load(weights_only)
+
+
+def from_container(data: Dict[str, Any], where: str = "checkpoint") -> DictConfig:
+    return merge(structured(), data, where)

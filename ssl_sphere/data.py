@@ -1,0 +1,289 @@
+"""Datasets as in-memory uint8 tensors + an index-permutation batch iterator.
+
+Every dataset is decoded once into ``images: (N, 3, H, W) uint8`` and
+``labels: (N,) int64``; an epoch is a permutation of indices, and batches are
+gathered by indexing (no per-image Python work, no CPU augmentation).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+# Channel statistics used for normalisation (computed on each training split).
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class DataError(RuntimeError):
+    """Missing, empty or corrupt data; the message says where to put the files."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64; -1 for unlabelled
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class DataSplits:
+    name: str
+    train: Split  # pretraining images (may include unlabelled ones)
+    bank: Split  # labelled train split: kNN bank / linear-probe training set
+    test: Split  # labelled test split: kNN queries
+    classes: List[str]
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def channel_stats(images: torch.Tensor, max_images: int = 10000) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel mean/std in [0, 1] units of (N, 3, H, W) uint8 images, from an evenly
+    strided subset (folders are stored class by class, so a prefix would be biased)."""
+    idx = torch.linspace(0, images.shape[0] - 1, min(max_images, images.shape[0])).long()
+    x = images[idx].float().div_(255)
+    return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
+
+
+# ----------------------------------------------------------------------------- digits
+def load_digits(image_size: int = 32) -> DataSplits:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), upsampled
+    bilinearly to ``image_size`` and replicated to RGB; stratified 80/20 split
+    with a fixed seed."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target).long()
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=d.target)
+    tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    train = Split(x[tr], y[tr])
+    mean, std = channel_stats(train.images)
+    return DataSplits("digits", train, train, Split(x[te], y[te]), [str(i) for i in range(10)], mean, std)
+
+
+# ----------------------------------------------------------------------------- torchvision formats
+def _missing(name: str, root: str, files: str) -> DataError:
+    return DataError(
+        f"{name} not found under '{root}'. Pass --download to fetch it (needs internet), or put "
+        f"{files} into that directory (--data-root DIR)."
+    )
+
+
+def load_cifar(name: str, root: str, download: bool) -> DataSplits:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = "cifar-10-batches-py/" if name == "cifar10" else "cifar-100-python/"
+    try:
+        tr = cls(root, train=True, download=download)
+        te = cls(root, train=False, download=download)
+    except RuntimeError as exc:
+        if not download:
+            raise _missing(name, root, folder) from None
+        raise DataError(f"could not download {name} to '{root}': {exc}") from None
+    except OSError as exc:
+        raise DataError(f"could not download {name} to '{root}' (no internet?): {exc}") from None
+
+    def split(ds) -> Split:
+        return Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets).long())
+
+    train = split(tr)
+    mean, std = STATS[name]
+    return DataSplits(name, train, train, split(te), list(tr.classes), mean, std)
+
+
+def load_stl10(root: str, download: bool) -> DataSplits:
+    """STL-10: pretrain on train+unlabeled (105k), kNN bank = train (5k), queries = test (8k)."""
+    import torchvision
+
+    def get(split: str):
+        try:
+            return torchvision.datasets.STL10(root, split=split, download=download)
+        except RuntimeError:
+            if not download:
+                raise _missing("stl10", root, "stl10_binary/") from None
+            raise
+
+    un, tr, te = get("unlabeled"), get("train"), get("test")
+    to = lambda ds: Split(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)))  # noqa: E731
+    bank, test, unl = to(tr), to(te), to(un)
+    train = Split(torch.cat([bank.images, unl.images]), torch.cat([bank.labels, unl.labels]))
+    mean, std = STATS["stl10"]
+    return DataSplits("stl10", train, bank, test, list(tr.classes), mean, std)
+
+
+# ----------------------------------------------------------------------------- image folders
+def _decode_chunk(args: Tuple[Sequence[str], int]) -> np.ndarray:
+    """Decode files to (n, size, size, 3) uint8: resize the short side, centre crop."""
+    from PIL import Image
+
+    paths, size = args
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    w, h = im.size
+                    s = size / min(w, h)
+                    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+                    w, h = im.size
+                    left, top = (w - size) // 2, (h - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
+                out[i] = np.asarray(im)
+        except Exception as exc:
+            raise DataError(f"cannot decode image '{p}': {exc}. Remove or replace the file.") from None
+    return out
+
+
+def _list_folder(split_dir: Path, classes: Optional[List[str]]) -> Tuple[List[str], List[int], List[str]]:
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"'{split_dir}' has classes not in the train split: {unknown[:5]}")
+    paths, labels = [], []
+    for ci, c in enumerate(classes):
+        d = split_dir / c
+        if not d.is_dir():
+            continue
+        files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [str(d / f) for f in files]
+        labels += [ci] * len(files)
+    if not paths:
+        raise DataError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{split_dir}/<class>/'; expected "
+            f"ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg"
+        )
+    return paths, labels, classes
+
+
+def folder_image_size(root: str) -> int:
+    """Short side of the first training image of an image folder (the default image size)."""
+    from PIL import Image
+
+    train = Path(root) / "train"
+    if not train.is_dir():
+        raise DataError(f"'{root}' has no train/ folder; expected ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg")
+    for d in sorted(train.iterdir()):
+        if d.is_dir():
+            for f in sorted(os.listdir(d)):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    with Image.open(d / f) as im:
+                        return min(im.size)
+    raise DataError(f"no images found in '{train}/<class>/'")
+
+
+def decode_images(paths: Sequence[str], size: int, workers: int = 0) -> torch.Tensor:
+    """Decode image files in parallel processes -> (N, 3, size, size) uint8."""
+    workers = workers or os.cpu_count() or 1
+    chunk = max(1, min(2048, len(paths) // (4 * workers) + 1))
+    jobs = [(paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
+    if workers == 1 or len(jobs) == 1:
+        parts = [_decode_chunk(j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            parts = list(ex.map(_decode_chunk, jobs))
+    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_imagefolder(root: str, image_size: int, workers: int = 0) -> DataSplits:
+    """ROOT/train/<class>/* (pretraining + kNN bank) and ROOT/test|val/<class>/* (queries),
+    decoded once (resize short side + centre crop to ``image_size``)."""
+    r = Path(root)
+    if not r.is_dir():
+        raise DataError(f"data root '{root}' does not exist; pass --data-root DIR with DIR/train/<class>/*.jpg")
+    train_dir = r / "train"
+    test_dir = next((r / s for s in ("test", "val") if (r / s).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"'{root}' needs train/ and test/ (or val/) subfolders, each holding <class>/ folders of images")
+    tr_paths, tr_labels, classes = _list_folder(train_dir, None)
+    te_paths, te_labels, _ = _list_folder(test_dir, classes)
+    n = len(tr_paths) + len(te_paths)
+    need = n * 3 * image_size**2
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * ram:
+        raise DataError(
+            f"{n} images at {image_size}px need {need / 2**30:.1f} GiB in memory, more than 80% of this "
+            f"machine's {ram / 2**30:.0f} GiB; lower data.image_size"
+        )
+    imgs = decode_images(tr_paths + te_paths, image_size, workers)
+    labels = torch.tensor(tr_labels + te_labels, dtype=torch.long)
+    k = len(tr_paths)
+    train = Split(imgs[:k], labels[:k])
+    mean, std = channel_stats(train.images)
+    return DataSplits(r.name or "imagefolder", train, train, Split(imgs[k:], labels[k:]), classes, mean, std)
+
+
+def load_data(dcfg) -> DataSplits:
+    """Build the splits for a data config section (see config.DataConfig)."""
+    name = dcfg.dataset
+    if name == "digits":
+        ds = load_digits(dcfg.image_size)
+    elif name == "imagefolder":
+        ds = load_imagefolder(dcfg.root, dcfg.image_size, dcfg.decode_workers)
+    else:
+        root = dcfg.root or os.path.join("data", name)
+        ds = load_cifar(name, root, dcfg.download) if name.startswith("cifar") else load_stl10(root, dcfg.download)
+        if dcfg.image_size != ds.train.images.shape[-1]:
+            raise DataError(
+                f"data.image_size={dcfg.image_size} but {name} images are {ds.train.images.shape[-1]}px; "
+                "leave data.image_size unset for torchvision datasets"
+            )
+    if dcfg.mean is not None:
+        ds.mean = tuple(dcfg.mean)
+    if dcfg.std is not None:
+        ds.std = tuple(dcfg.std)
+    return ds
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimiser steps per epoch (drop_last over the global batch)."""
+    global_batch = batch_size * world
+    if global_batch > n:
+        raise DataError(
+            f"global batch {global_batch} (batch {batch_size} x {world} ranks) is larger than the "
+            f"{n} training images; lower --batch-size"
+        )
+    return n // global_batch
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's index order: a pure function of (seed, epoch), so resuming
+    mid-epoch replays exactly the remaining batches."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
+                  world: int = 1) -> Iterator[torch.Tensor]:
+    """Yield this rank's (batch_size,) index tensors of ``epoch`` from batch ``start`` on.
+    Each rank takes a disjoint slice of every global batch."""
+    perm = epoch_permutation(n, seed, epoch)
+    gb = batch_size * world
+    for i in range(start, steps_per_epoch(n, batch_size, world)):
+        yield perm[i * gb + rank * batch_size: i * gb + (rank + 1) * batch_size]

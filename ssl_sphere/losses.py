@@ -1,0 +1,62 @@
+"""Pure loss functions of tensors. Inputs are RAW embeddings: every loss
+normalises internally, so norms stay free for SEC to act on."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: Gather = _identity,
+            rank: int = 0) -> torch.Tensor:
+    """SimCLR NT-Xent (Chen et al. 2020, Eq. 1), mean over the 2B anchors.
+
+    z1, z2: (B, D) raw embeddings of the two views of the local batch.
+    gather: maps (B, D) -> (world*B, D) with gradient (identity in one process);
+    rank: index of the local batch inside the gathered one.
+    Each anchor's candidates are all 2N-1 other views of the global batch.
+    """
+    b = z1.shape[0]
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    local = torch.cat([z1, z2], 0)  # (2B, D)
+    g1, g2 = gather(z1), gather(z2)
+    n = g1.shape[0]
+    cands = torch.cat([g1, g2], 0)  # (2N, D)
+    logits = local @ cands.T / temperature  # (2B, 2N)
+    own = torch.arange(b, device=z1.device) + rank * b
+    self_idx = torch.cat([own, own + n])  # an anchor's own column
+    pos_idx = torch.cat([own + n, own])  # its other view
+    logits = logits.masked_fill(F.one_hot(self_idx, 2 * n).bool(), float("-inf"))
+    return F.cross_entropy(logits, pos_idx)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo InfoNCE (He et al. 2020, Eq. 1), mean over queries.
+
+    q: (B, D) raw query embeddings; k: (B, D) positive keys (no grad expected);
+    negatives: (K, D) e.g. the queue. Column 0 of the logits is the positive.
+    """
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.float(), dim=1)
+    negatives = F.normalize(negatives.float(), dim=1)
+    pos = (q * k).sum(1, keepdim=True)
+    neg = q @ negatives.T
+    logits = torch.cat([pos, neg], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL loss 2 - 2 cos(p, z) (Grill et al. 2020, Eq. 2), mean over the batch.
+
+    p: (B, D) raw online predictor outputs; z: (B, D) target projections (detached)."""
+    return (2 - 2 * F.cosine_similarity(p.float(), z.float().detach(), dim=1)).mean()
+
+

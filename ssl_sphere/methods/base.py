@@ -1,0 +1,64 @@
+"""The interface every method implements; the training loop knows only this."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+from lightly.models.utils import deactivate_requires_grad, update_momentum
+from torch import nn
+
+
+@dataclass
+class StepOutput:
+    """loss: () the method's own loss; embeddings: (N, D) the RAW outputs its loss
+    normalises (SEC and norm statistics act on these); logs: detached scalars."""
+
+    loss: torch.Tensor
+    embeddings: torch.Tensor
+    logs: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def cosine_momentum(progress: float, base: float, final: float) -> float:
+    """EMA momentum from ``base`` to ``final`` along a half cosine of training
+    progress in [0, 1] (BYOL, Grill et al. 2020, Sec. 3.2: tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2)."""
+    p = min(max(progress, 0.0), 1.0)
+    return final - (final - base) * (math.cos(math.pi * p) + 1) / 2
+
+
+class Method(nn.Module):
+    """backbone: (B, 3, H, W) -> (B, F). Subclasses define forward(x1, x2) -> StepOutput."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, cfg):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.cfg = cfg  # the method section of the config (read-only)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) normalised images -> (B, F) backbone features for evaluation."""
+        return self.backbone(x)
+
+    def after_step(self, progress: float) -> None:
+        """Called after each optimiser step with training progress in [0, 1]."""
+
+    def momentum_at(self, progress: float) -> float:
+        return cosine_momentum(progress, self.cfg.momentum, self.cfg.momentum_final)
+
+
+class EMAPair(nn.Module):
+    """An online module and its frozen EMA copy (MoCo key encoder, BYOL target);
+    the copy's parameters are buffers of the optimiser's world: no gradients."""
+
+    def __init__(self, online: nn.Module):
+        super().__init__()
+        self.online = online
+        self.target = copy.deepcopy(online)
+        deactivate_requires_grad(self.target)
+
+    @torch.no_grad()
+    def update(self, m: float) -> None:
+        update_momentum(self.online, self.target, m)

@@ -1,0 +1,72 @@
+"""Run logging (TensorBoard + metrics.jsonl, rank 0 only) and the live kNN monitor."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from .evaluation import extract_features, knn_accuracy, stratified_subset
+
+
+def _scalar(v) -> float:
+    return float(v.item()) if torch.is_tensor(v) else float(v)
+
+
+class RunLogger:
+    """Writes scalars to TensorBoard and one JSON object per call to metrics.jsonl.
+    Inactive (all no-ops) on ranks other than 0."""
+
+    def __init__(self, run_dir: str, active: bool = True, purge_step: Optional[int] = None):
+        self.active = active
+        self.writer = None
+        if active:
+            self.writer = SummaryWriter(run_dir, purge_step=purge_step)
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+
+    def log(self, step: int, values: Dict[str, object], prefix: str, **extra) -> Dict[str, float]:
+        """Host-syncs the values (call at log intervals only), returns them as floats."""
+        vals = {k: _scalar(v) for k, v in values.items()}
+        if self.active:
+            for k, v in vals.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+            self.jsonl.write(json.dumps({"step": step, "kind": prefix, **extra, **vals}) + "\n")
+        return vals
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        if self.active:
+            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def close(self) -> None:
+        if self.active:
+            self.writer.close()
+            self.jsonl.close()
+
+
+class KnnMonitor:
+    """kNN top-1/top-5 of backbone features: bank = (capped, stratified) train
+    split, queries = (capped) test split, eval transform only."""
+
+    def __init__(self, splits, transform, ecfg, device, seed: int = 0):
+        self.cfg, self.transform, self.device = ecfg, transform, device
+        bi = stratified_subset(splits.bank.labels, ecfg.bank_size, seed)
+        ti = stratified_subset(splits.test.labels, ecfg.test_size, seed)
+        self.bank_x, self.bank_y = splits.bank.images[bi], splits.bank.labels[bi]
+        self.test_x, self.test_y = splits.test.images[ti], splits.test.labels[ti]
+        self.num_classes = splits.num_classes
+        self.best = float("-inf")
+
+    def __call__(self, model) -> Dict[str, float]:
+        t0 = time.perf_counter()
+        c = self.cfg
+        fb = extract_features(model, self.bank_x, c.batch_size, self.device, self.transform)
+        ft = extract_features(model, self.test_x, c.batch_size, self.device, self.transform)
+        res = knn_accuracy(fb, self.bank_y, ft, self.test_y, c.knn_k, c.knn_temperature, self.num_classes)
+        self.best = max(self.best, res["knn_top1"])
+        res["knn_best_top1"] = self.best
+        res["knn_seconds"] = time.perf_counter() - t0
+        return res

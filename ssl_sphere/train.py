@@ -1,0 +1,297 @@
+"""The training loop: the only place that knows DDP, AMP, logging and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from lightly.models.utils import get_weight_decay_parameters
+from lightly.utils.lars import LARS
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from . import checkpoint, dist
+from .augment import Augmenter
+from .backbones import build_backbone
+from .config import to_container
+from .data import DataSplits, epoch_batches, load_data, steps_per_epoch
+from .methods import Method, build_method
+from .monitor import KnnMonitor, RunLogger
+from .sphere import SEC, norm_stats
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Pretrainer(nn.Module):
+    """A method plus the optional SEC regulariser: one module, one state_dict
+    (weights, EMA copies, queue and SEC's running mean together)."""
+
+    def __init__(self, method: Method, sec: Optional[SEC]):
+        super().__init__()
+        self.method, self.sec = method, sec
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, progress: float):
+        """Returns (total loss, method loss, logs of device scalars, raw embeddings)."""
+        out = self.method(x1, x2)
+        logs = dict(out.logs)
+        logs.update(norm_stats(out.embeddings))
+        total = out.loss
+        if self.sec is not None:
+            sec_term, sec_logs = self.sec(out.embeddings, progress)
+            total = total + sec_term
+            logs.update(sec_logs)
+        return total, out.loss, logs, out.embeddings
+
+
+def build_model(cfg: DictConfig) -> Pretrainer:
+    backbone, fdim = build_backbone(cfg.model.backbone, cfg.model.small_images)
+    method = build_method(cfg.method, backbone, fdim)
+    sec = SEC(cfg.sec.weight, cfg.sec.ema, cfg.sec.ramp) if cfg.sec.enabled else None
+    return Pretrainer(method, sec)
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float = 0.0) -> float:
+    """Linear warmup from lr/warmup to lr over ``warmup`` steps, then half-cosine to lr*min_ratio."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def build_optimizer(model: nn.Module, ocfg) -> torch.optim.Optimizer:
+    """Weight decay on weights only: norm layers and biases are excluded (lightly's split)."""
+    decay, no_decay = get_weight_decay_parameters([model])
+    groups = [
+        {"params": [p for p in decay if p.requires_grad], "weight_decay": ocfg.weight_decay},
+        {"params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0},
+    ]
+    if ocfg.optimizer == "lars":
+        # LARS skips its trust ratio for groups with weight_decay 0 (norms, biases)
+        return LARS(groups, lr=ocfg.lr, momentum=ocfg.momentum, trust_coefficient=ocfg.lars_eta)
+    return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    return f"{cfg.data.dataset}_{cfg.method.name}{'_sec' if cfg.sec.enabled else ''}_s{cfg.run.seed}"
+
+
+def choose_run_dir(cfg: DictConfig) -> tuple[str, Optional[str]]:
+    """(run_dir, checkpoint to resume or None).
+
+    A fresh run takes the first of <name>, <name>-2, <name>-3, ... that does not
+    exist, so work already saved is never overwritten; ``resume: auto`` picks the
+    newest of those that holds a last.pt (or starts fresh if none does)."""
+    r = cfg.run
+    if r.resume not in (None, "auto"):
+        return os.path.dirname(os.path.abspath(r.resume)), r.resume
+    name = r.run_name or default_run_name(cfg)
+    i, latest = 1, None
+    while True:
+        d = os.path.join(r.output_dir, name if i == 1 else f"{name}-{i}")
+        if not os.path.isdir(d):
+            break
+        if os.path.isfile(os.path.join(d, "last.pt")):
+            latest = d
+        i += 1
+    if r.resume == "auto" and latest is not None:
+        return latest, os.path.join(latest, "last.pt")
+    return d, None
+
+
+def train(cfg: DictConfig) -> Dict[str, float]:
+    """Pretrain as configured (cfg already resolved). Returns a summary dict."""
+    device = resolve_device(cfg.run.device)
+    dist.setup(device.type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0
+
+    run_dir, resume_path = choose_run_dir(cfg)
+    cfg.run.run_name = os.path.basename(run_dir)
+    cfg.run.output_dir = os.path.dirname(run_dir)
+    ckpt = checkpoint.load(resume_path) if resume_path else None
+
+    seed_everything(cfg.run.seed + rank)
+    splits: DataSplits = load_data(cfg.data)
+    n = len(splits.train)
+    spe = steps_per_epoch(n, cfg.optim.batch_size, world)
+    total = cfg.optim.epochs * spe
+    stop = min(total, cfg.optim.max_steps or total)
+    warmup = int(round(cfg.optim.warmup_epochs * spe))
+
+    aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std).to(device)
+    model = build_model(cfg).to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+
+    start_step, start_knn = 0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, start_knn = int(ckpt["step"]), ckpt.get("start_knn_top1")
+    method = model.method
+    if cfg.model.compile:
+        method.backbone.compile()
+    ddp = model
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    on_device = cfg.data.on_device == "yes" or (
+        cfg.data.on_device == "auto" and device.type == "cuda" and splits.train.images.numel() < 4 * 2**30)
+    images = splits.train.images.to(device) if on_device else splits.train.images
+    if not on_device and device.type == "cuda":
+        images = images.pin_memory()
+
+    os.makedirs(run_dir, exist_ok=True)
+    if main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(OmegaConf.to_yaml(cfg))
+    logger = RunLogger(run_dir, active=main, purge_step=start_step if ckpt is not None else None)
+    monitor = KnnMonitor(splits, aug.eval_transform, cfg.eval, device, cfg.run.seed) if main and cfg.eval.every_epochs else None
+    if ckpt is not None:
+        checkpoint.set_rng_state(ckpt["rng"])
+        if monitor is not None and ckpt.get("best_knn_top1") is not None:
+            monitor.best = ckpt["best_knn_top1"]
+
+    use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+    say = print if main else (lambda *a, **k: None)
+    say(f"[ssl_sphere] run dir {run_dir} | {cfg.method.name}{' +SEC' if cfg.sec.enabled else ''} | "
+        f"{splits.name}: {n} train / {len(splits.test)} test images | {cfg.model.backbone} | device {device}"
+        f"{' bf16' if use_bf16 else ''} | {spe} steps/epoch, {total} total" + (f", stopping at {stop}" if stop < total else "")
+        + (f" | resumed at step {start_step}" if ckpt is not None else ""))
+
+    state = {"last_saved_step": start_step if ckpt is not None else None, "knn": {}}
+
+    def payload(step: int) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "epoch": step / spe, "rng": checkpoint.rng_state(), "config": to_container(cfg),
+                "start_knn_top1": start_knn, "best_knn_top1": monitor.best if monitor and monitor.best > -1 else None,
+                "version": 1}
+
+    def save(step: int, periodic: bool = False) -> None:
+        if main:
+            checkpoint.save(os.path.join(run_dir, "last.pt"), payload(step))
+            if periodic:
+                checkpoint.save(os.path.join(run_dir, f"epoch_{step // spe:04d}.pt"), payload(step))
+        state["last_saved_step"] = step
+
+    def evaluate(step: int) -> None:
+        nonlocal start_knn
+        if monitor is None:
+            return
+        res = monitor(method)
+        if start_knn is None:
+            start_knn = res["knn_top1"]
+        logger.log(step, res, "eval", epoch=step / spe)
+        state["knn"] = dict(res, step=step)
+        say(f"[ssl_sphere] step {step} (epoch {step / spe:.2f}): kNN top-1 {res['knn_top1']:.2f}% "
+            f"top-5 {res['knn_top5']:.2f}% ({res['knn_seconds']:.1f}s)")
+
+    if start_step == 0 and monitor is not None:
+        evaluate(0)  # random-init baseline
+
+    bar = None
+    if main and cfg.run.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=stop, initial=start_step, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
+
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def check_finite() -> None:
+        bad = int(first_bad.item())
+        if bad >= 0:
+            where = (f"last good checkpoint: {os.path.join(run_dir, 'last.pt')} (step {state['last_saved_step']})"
+                     if state["last_saved_step"] is not None else "no checkpoint was written yet")
+            raise NonFiniteLoss(
+                f"non-finite loss at step {bad}; stopping. {where}. Lower --lr or sec.weight, or resume with "
+                f"--resume from the checkpoint."
+            )
+
+    step = start_step
+    model.train()
+    try:
+        while step < stop:
+            epoch, pos = divmod(step, spe)
+            logs, emb = {}, None
+            for idx in epoch_batches(n, cfg.optim.batch_size, cfg.run.seed, epoch, pos, rank, world):
+                progress = step / total
+                lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                x = images[idx.to(images.device)] if on_device else images[idx]
+                x = x.to(device, non_blocking=True)
+                v1, v2 = aug.views(x)
+                if cfg.model.channels_last:
+                    v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, method_loss, logs, emb = ddp(v1, v2, progress)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device), first_bad)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                method.after_step((step + 1) / total)
+                step += 1
+                if step % cfg.run.log_every == 0 or step == stop:
+                    check_finite()
+                    vals = logger.log(step, {"loss": loss.detach(), "method_loss": method_loss.detach(), "lr": lr, **logs},
+                                      "train", epoch=step / spe)
+                    if bar is not None:
+                        post = {"loss": f"{vals['loss']:.3f}", "lr": f"{lr:.3g}",
+                                "norm": f"{vals['norm_mean']:.2f}±{vals['norm_std']:.2f}"}
+                        if "sec_loss" in vals:
+                            post["sec"] = f"{vals['sec_loss']:.3g}"
+                        bar.set_postfix(post, refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if step >= stop:
+                    break
+            epoch_done = step % spe == 0
+            check_finite()
+            if epoch_done:
+                done_epochs = step // spe
+                if emb is not None:
+                    logger.histogram("embeddings/norm", emb.detach().float().norm(dim=1), step)
+                if monitor is not None and done_epochs % cfg.eval.every_epochs == 0:
+                    evaluate(step)
+                every = cfg.run.ckpt_every_epochs
+                save(step, periodic=bool(every) and done_epochs % every == 0)
+        check_finite()
+        if monitor is not None and state["knn"].get("step") != step:
+            evaluate(step)
+        if state["last_saved_step"] != step:
+            save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    summary = {"step": step, "run_dir": run_dir}
+    if state["knn"]:
+        summary.update(knn_top1=state["knn"]["knn_top1"], knn_top5=state["knn"]["knn_top5"], start_knn_top1=start_knn)
+        say(f"[ssl_sphere] kNN top-1: {start_knn:.2f}% at start -> {state['knn']['knn_top1']:.2f}% at step {step}")
+    say(f"[ssl_sphere] checkpoint: {os.path.join(run_dir, 'last.pt')}")
+    return summary

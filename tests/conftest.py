@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_FOLDER = Path(os.environ.get("SSL_SPHERE_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+
+
+requires_cifar_folder = pytest.mark.skipif(
+    not (CIFAR_FOLDER / "train").is_dir(),
+    reason=f"real CIFAR-10 image folder not found at {CIFAR_FOLDER} (set SSL_SPHERE_CIFAR10 to point elsewhere)",
+)

@@ -1,0 +1,132 @@
+"""Every method: forward / backward / after_step on the tiny backbone."""
+
+import math
+
+import pytest
+import torch
+
+from ssl_sphere.config import resolve, structured
+from ssl_sphere.methods import METHODS, StepOutput, cosine_momentum
+from ssl_sphere.train import build_model, build_optimizer, lr_at
+
+
+def make_cfg(method, **over):
+    cfg = structured()
+    cfg.method.name = method
+    cfg.method.queue_size = 64
+    cfg.method.proj_hidden_dim = 64
+    cfg.method.pred_hidden_dim = 64
+    cfg.optim.batch_size = 8
+    cfg.sec.enabled = True
+    for k, v in over.items():
+        section, key = k.split(".")
+        cfg[section][key] = v
+    return resolve(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_forward_backward_after_step(name):
+    torch.manual_seed(0)
+    cfg = make_cfg(name)
+    model = build_model(cfg)
+    opt = build_optimizer(model, cfg.optim)
+    x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    out = model.method(x1, x2)
+    assert isinstance(out, StepOutput) and out.loss.ndim == 0 and torch.isfinite(out.loss)
+    n_views = 2 if (name != "moco" or cfg.method.symmetric) else 1
+    assert out.embeddings.shape == (8 * n_views, cfg.method.proj_dim)
+    assert out.embeddings.requires_grad
+    # raw embeddings: not normalised by any head
+    assert not torch.allclose(out.embeddings.norm(dim=1), torch.ones(8 * n_views), atol=1e-3)
+
+    total, method_loss, logs, emb = model(x1, x2, 0.5)
+    assert {"norm_mean", "norm_std", "sec_loss"} <= set(logs)
+    assert total.item() >= method_loss.item() - 1e-6
+    opt.zero_grad()
+    total.backward()
+    grads = [p.grad for p in model.method.backbone.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.step()
+    model.method.after_step(0.5)
+    after = model.state_dict()
+    if name in ("moco", "byol"):
+        target = model.method.encoder.target
+        assert all(not p.requires_grad and p.grad is None for p in target.parameters())
+        moved = [k for k in after if "encoder.target" in k and "weight" in k and not torch.equal(before[k], after[k])]
+        assert moved, "EMA target did not move after after_step"
+        # the optimiser never sees target parameters
+        opt_ids = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert not any(id(p) in opt_ids for p in target.parameters())
+    assert (model.method.features(x1).shape == (8, model.method.feature_dim))
+
+
+def test_moco_enqueues_both_key_sets():
+    torch.manual_seed(0)
+    cfg = make_cfg("moco")
+    m = build_model(cfg).method
+    ptr0 = int(m.queue.ptr)
+    m(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    assert int(m.queue.ptr) == ptr0 + 16
+    m.eval()
+    m(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    assert int(m.queue.ptr) == ptr0 + 16  # no enqueue in eval mode
+
+
+def test_ema_update_formula():
+    torch.manual_seed(0)
+    cfg = make_cfg("byol")
+    m = build_model(cfg).method
+    with torch.no_grad():
+        for p in m.encoder.online.parameters():
+            p.add_(1.0)
+    t_before = [p.clone() for p in m.encoder.target.parameters()]
+    online = [p.clone() for p in m.encoder.online.parameters()]
+    m.after_step(0.0)
+    mom = cosine_momentum(0.0, 0.99, 1.0)
+    assert mom == pytest.approx(0.99)
+    for t0, o, t1 in zip(t_before, online, m.encoder.target.parameters()):
+        torch.testing.assert_close(t1, mom * t0 + (1 - mom) * o)
+
+
+def test_cosine_momentum_and_lr_schedule_are_pure_functions():
+    assert cosine_momentum(0.0, 0.99, 1.0) == pytest.approx(0.99)
+    assert cosine_momentum(1.0, 0.99, 1.0) == pytest.approx(1.0)
+    assert cosine_momentum(0.5, 0.99, 1.0) == pytest.approx(0.995)
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, 100, 10, 1.0, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    cfg = make_cfg("simclr")
+    model = build_model(cfg)
+    opt = build_optimizer(model, cfg.optim)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == cfg.optim.weight_decay and no_decay["weight_decay"] == 0.0
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    assert any(p is bn.weight for p in no_decay["params"])
+    assert all(p.ndim > 1 for p in decay["params"])
+
+
+def test_lars_optimizer_builds_and_steps():
+    cfg = make_cfg("simclr", **{"optim.optimizer": "lars"})
+    model = build_model(cfg)
+    opt = build_optimizer(model, cfg.optim)
+    loss, *_ = model(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), 0.0)
+    loss.backward()
+    opt.step()
+    assert type(opt).__name__ == "LARS"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tiny"])
+def test_backbones_small_stem(name):
+    from ssl_sphere.backbones import build_backbone
+
+    net, dim = build_backbone(name, small_images=True)
+    y = net(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, dim)
+    if name == "resnet18":
+        assert dim == 512 and net.conv1.stride == (1, 1) and isinstance(net.maxpool, torch.nn.Identity)
