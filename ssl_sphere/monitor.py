@@ -25,8 +25,16 @@ class RunLogger:
         self.active = active
         self.writer = None
         if active:
+            # on resume, TensorBoard and metrics.jsonl drop what the interrupted run logged
+            # after its checkpoint, so the curves continue without duplicates
             self.writer = SummaryWriter(run_dir, purge_step=purge_step)
-            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+            path = os.path.join(run_dir, "metrics.jsonl")
+            if purge_step is not None and os.path.exists(path):
+                with open(path) as f:
+                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= purge_step]
+                with open(path, "w") as f:
+                    f.writelines(keep)
+            self.jsonl = open(path, "a", buffering=1)
 
     def log(self, step: int, values: Dict[str, object], prefix: str, **extra) -> Dict[str, float]:
         """Host-syncs the values (call at log intervals only), returns them as floats."""

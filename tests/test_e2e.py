@@ -60,6 +60,8 @@ def test_resume_equals_uninterrupted(tmp_path, method):
     a = run(tmp_path / "a", *common, "--max-steps", "7")
     run(tmp_path / "b", *common, "--max-steps", "3")
     b_dir = tmp_path / "b" / f"digits_{method}_sec_s0"
+    with open(b_dir / "metrics.jsonl", "a") as f:  # as if the crashed run had logged past its checkpoint
+        f.write(json.dumps({"step": 5, "kind": "train", "loss": 123.0}) + "\n")
     b = run(tmp_path / "b", *common, "--max-steps", "7", "--resume", str(b_dir / "last.pt"))
     assert a["step"] == b["step"] == 7 and Path(b["run_dir"]).resolve() == b_dir.resolve()
     pa, pb = _params(str(Path(a["run_dir"]) / "last.pt")), _params(str(b_dir / "last.pt"))
@@ -67,8 +69,9 @@ def test_resume_equals_uninterrupted(tmp_path, method):
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6, msg=k)
     # the training curve continues instead of restarting
-    steps = [json.loads(x)["step"] for x in (b_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) == 7
+    rows = [json.loads(x) for x in (b_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 7 and not any(r["loss"] == 123.0 for r in rows)
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
 
 
 def test_resume_auto_and_no_overwrite(tmp_path):
