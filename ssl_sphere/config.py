@@ -73,6 +73,7 @@ class ModelConfig:
     backbone: str = "auto"  # auto: tiny for digits, resnet18 otherwise
     small_images: Optional[bool] = None  # 3x3 stem, no max-pool; None: image_size <= 64
     channels_last: bool = False
+    sync_bn: bool = False  # under DDP: SyncBatchNorm (BN statistics over the global batch)
     compile: bool = False
 
 
@@ -223,6 +224,13 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def world_size_from_env() -> int:
+    """Number of processes torchrun launched (1 without torchrun)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"invalid value {value!r} for '{key}'; valid choices: {', '.join(choices)}")
@@ -268,8 +276,10 @@ def resolve(cfg: DictConfig) -> DictConfig:
         c.aug.blur_p = [1.0, 0.1] if name == "byol" else ([0.0, 0.0] if small else [0.5, 0.5])
     if c.aug.solarize_p is None:
         c.aug.solarize_p = [0.0, 0.2] if name == "byol" else [0.0, 0.0]
+    world = world_size_from_env()
     if c.optim.lr is None:
-        c.optim.lr = c.optim.base_lr * c.optim.batch_size / 128
+        # linear scaling on the GLOBAL batch (batch_size is per process)
+        c.optim.lr = c.optim.base_lr * c.optim.batch_size * world / 128
 
     # ranges
     for key in ("blur_p", "solarize_p", "crop_scale", "crop_ratio", "blur_sigma"):
@@ -293,9 +303,10 @@ def resolve(cfg: DictConfig) -> DictConfig:
     _check(0.0 <= c.method.momentum <= c.method.momentum_final <= 1.0, "method.momentum",
            "need 0 <= momentum <= momentum_final <= 1")
     if name == "moco":
-        per_step = c.optim.batch_size * (2 if c.method.symmetric else 1)
+        per_step = c.optim.batch_size * world * (2 if c.method.symmetric else 1)
         _check(c.method.queue_size >= per_step, "method.queue_size",
-               f"must hold at least the keys of one step ({per_step} = batch x views); raise it or lower the batch")
+               f"must hold at least the keys of one step ({per_step} = batch x views x {world} processes); "
+               "raise it or lower the batch")
     _check(0.0 < c.sec.ema <= 1.0, "sec.ema", f"rho must be in (0, 1] (1 = batch mean), got {c.sec.ema}")
     _check(c.sec.weight >= 0, "sec.weight", "must be >= 0")
     _check(c.eval.every_epochs >= 0, "eval.every_epochs", "must be >= 0")

@@ -65,3 +65,39 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     tdist.all_reduce(x)
     return x
+
+
+@torch.no_grad()
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    tdist.all_reduce(x, op=tdist.ReduceOp.MAX)
+    return x
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (e.g. the run directory rank 0 chose)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        tdist.barrier()
+
+
+@torch.no_grad()
+def gather_sharded(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Reassemble rows computed round-robin (rank r holds global rows r, r+W, r+2W, ...)
+    into the (n, ...) global tensor on every rank."""
+    w = world_size()
+    if w == 1:
+        return local
+    m = (n + w - 1) // w
+    pad = local.new_zeros((m - local.shape[0], *local.shape[1:]))
+    stacked = gather_no_grad(torch.cat([local, pad])).view(w, m, *local.shape[1:])
+    return stacked.transpose(0, 1).reshape(w * m, *local.shape[1:])[:n]

@@ -10,6 +10,7 @@ from typing import Dict, Optional
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from . import dist
 from .evaluation import extract_features, knn_accuracy, stratified_subset
 
 
@@ -57,7 +58,11 @@ class RunLogger:
 
 class KnnMonitor:
     """kNN top-1/top-5 of backbone features: bank = (capped, stratified) train
-    split, queries = (capped) test split, eval transform only."""
+    split, queries = (capped) test split, eval transform only.
+
+    Under DDP every rank calls it: each extracts features for its round-robin
+    shard of bank and queries, the shards are gathered so the bank is the whole
+    (capped) train split on every rank, and no rank waits on another's solo work."""
 
     def __init__(self, splits, transform, ecfg, device, seed: int = 0):
         self.cfg, self.transform, self.device = ecfg, transform, device
@@ -71,8 +76,10 @@ class KnnMonitor:
     def __call__(self, model) -> Dict[str, float]:
         t0 = time.perf_counter()
         c = self.cfg
-        fb = extract_features(model, self.bank_x, c.batch_size, self.device, self.transform)
-        ft = extract_features(model, self.test_x, c.batch_size, self.device, self.transform)
+        r, w = dist.rank(), dist.world_size()
+        fb = extract_features(model, self.bank_x[r::w], c.batch_size, self.device, self.transform)
+        ft = extract_features(model, self.test_x[r::w], c.batch_size, self.device, self.transform)
+        fb, ft = dist.gather_sharded(fb, len(self.bank_y)), dist.gather_sharded(ft, len(self.test_y))
         res = knn_accuracy(fb, self.bank_y, ft, self.test_y, c.knn_k, c.knn_temperature, self.num_classes)
         self.best = max(self.best, res["knn_top1"])
         res["knn_best_top1"] = self.best

@@ -130,7 +130,7 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     rank, world = dist.rank(), dist.world_size()
     main = rank == 0
 
-    run_dir, resume_path = choose_run_dir(cfg)
+    run_dir, resume_path = dist.broadcast_object(choose_run_dir(cfg) if main else None)
     cfg.run.run_name = os.path.basename(run_dir)
     cfg.run.output_dir = os.path.dirname(run_dir)
     ckpt = checkpoint.load(resume_path) if resume_path else None
@@ -145,6 +145,8 @@ def train(cfg: DictConfig) -> Dict[str, float]:
 
     aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std).to(device)
     model = build_model(cfg).to(device)
+    if world > 1 and cfg.model.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
@@ -159,6 +161,8 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         method.backbone.compile()
     ddp = model
     if world > 1:
+        # DDP broadcasts rank 0's parameters and buffers (weights, EMA copies, queue) at
+        # construction, so every rank starts identical despite per-rank seeds.
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     on_device = cfg.data.on_device == "yes" or (
@@ -172,9 +176,13 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg))
     logger = RunLogger(run_dir, active=main, purge_step=start_step if ckpt is not None else None)
-    monitor = KnnMonitor(splits, aug.eval_transform, cfg.eval, device, cfg.run.seed) if main and cfg.eval.every_epochs else None
+    monitor = KnnMonitor(splits, aug.eval_transform, cfg.eval, device, cfg.run.seed) if cfg.eval.every_epochs else None
     if ckpt is not None:
-        checkpoint.set_rng_state(ckpt["rng"])
+        if world == 1 and ckpt.get("world_size", 1) == 1:
+            checkpoint.set_rng_state(ckpt["rng"])  # exact continuation
+        else:
+            # the checkpoint holds rank 0's RNG only: give each rank a fresh stream for this step
+            seed_everything(cfg.run.seed + 1000003 * start_step + rank)
         if monitor is not None and ckpt.get("best_knn_top1") is not None:
             monitor.best = ckpt["best_knn_top1"]
 
@@ -191,7 +199,7 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "epoch": step / spe, "rng": checkpoint.rng_state(), "config": to_container(cfg),
                 "start_knn_top1": start_knn, "best_knn_top1": monitor.best if monitor and monitor.best > -1 else None,
-                "version": 1}
+                "world_size": world, "version": 1}
 
     def save(step: int, periodic: bool = False) -> None:
         if main:
@@ -223,7 +231,7 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
     def check_finite() -> None:
-        bad = int(first_bad.item())
+        bad = int(dist.all_reduce_max(first_bad).item())  # every rank stops together
         if bad >= 0:
             where = (f"last good checkpoint: {os.path.join(run_dir, 'last.pt')} (step {state['last_saved_step']})"
                      if state["last_saved_step"] is not None else "no checkpoint was written yet")
@@ -289,6 +297,7 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         if bar is not None:
             bar.close()
         logger.close()
+    dist.barrier()
     summary = {"step": step, "run_dir": run_dir}
     if state["knn"]:
         summary.update(knn_top1=state["knn"]["knn_top1"], knn_top5=state["knn"]["knn_top5"], start_knn_top1=start_knn)

@@ -1,0 +1,676 @@
+"""Benchmark harness: augmentation throughput and training-step throughput.
+
+    python -m ssl_sphere.bench augment [--device cpu|cuda|auto] [--sizes 32,96,224] [--batch 256] [--repeats N] [--json]
+    python -m ssl_sphere.bench step --method {simclr,moco,byol} [--backbone resnet18] [--batch 128] [--image-size 32]
+        [--sec] [--device ...] [--steps 5] [--warmup 2] [--compare-lightly] [--json] [section.key=value ...]
+
+``augment`` times two SimCLR views of one uint8 batch per image size for
+  * ``ssl_sphere``: our :class:`ssl_sphere.augment.Augmenter` (simclr config; blur p 0.5 for sizes > 64 as the recipes),
+  * ``kornia_stock``: an equivalent stock ``kornia.augmentation.AugmentationSequential`` on the same device,
+  * ``torchvision_cpu``: lightly's ``SimCLRTransform`` applied per PIL image on the CPU in ONE process with one
+    torch thread -- what one DataLoader worker does (n workers give at most n times this).
+Input images are uint8 (B, 3, S, S) and the output views are S x S (crop scale 0.2-1). The uint8 -> float
+conversion is inside the timed region for the two batched pipelines; PIL images are built beforehand (no
+JPEG decoding is timed for anyone).
+
+``step`` times the full ssl_sphere training step -- uint8 batch indexing -> Augmenter.views -> Pretrainer
+forward (method + SEC) -> backward -> optimiser step -> after_step, built from train.py's functions and in
+train.py's order -- against a backbone-only step (same backbone architecture, forward/backward of the same two
+view batches with ``sum`` of the features as the loss, same optimiser type and parameter groups). MoCo and BYOL
+also run a forward of an EMA copy of the backbone on both views; that floor is reported as
+``backbone_plus_ema_fwd``. ``--compare-lightly`` adds lightly's reference pipeline (per-sample transforms in a
+DataLoader with one worker per core, lightly heads / losses / update_momentum) on the same backbone and data.
+
+Timing: warm-up iterations, then timed repeats (torch.cuda.synchronize on CUDA); the median is reported.
+Pipelines of one measurement run round-robin (one repeat each in turn), so a change in machine load hits
+them alike. With ``--json`` the last stdout line is one JSON object (``augment``: one line per size, the
+requested order); ``--out FILE`` also writes a record with the command, machine, versions and load averages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+DEFAULT_DATA = Path(os.environ.get("SSL_SPHERE_CIFAR10", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"))
+AUG_PIPELINES = ("ssl_sphere", "kornia_stock", "torchvision_cpu")
+
+
+# ----------------------------------------------------------------------------- helpers
+def versions() -> Dict[str, str]:
+    import kornia
+    import lightly
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "kornia": kornia.__version__,
+            "lightly": lightly.__version__, "python": platform.python_version()}
+
+
+def machine() -> Dict[str, object]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: Dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def load_avg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def resolve_device(name: str) -> torch.device:
+    from .train import resolve_device as rd
+
+    return rd(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def say(*args) -> None:
+    print(*args, flush=True)
+
+
+def run_round_robin(fns: Dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int,
+                    budget_s: float, min_repeats: int = 3) -> Dict[str, List[float]]:
+    """Warm every pipeline up, then time them in turn, one call each per round.
+
+    A pipeline gets ``warmup`` untimed calls (fewer once its warm-up has used a quarter of
+    ``budget_s``) and up to ``repeats`` timed calls; it stops early once its timed calls add
+    up to ``budget_s`` and it has ``min(min_repeats, repeats)`` of them. Returns seconds per call."""
+    for fn in fns.values():
+        spent = 0.0
+        for _ in range(warmup):
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            spent += time.perf_counter() - t
+            if spent > budget_s / 4:
+                break
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    need = min(min_repeats, repeats)
+    for _ in range(repeats):
+        active = [k for k in fns if len(times[k]) < need or sum(times[k]) < budget_s]
+        if not active:
+            break
+        for k in active:
+            t = time.perf_counter()
+            fns[k]()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+# ----------------------------------------------------------------------------- data
+def folder_paths(root: Path, n: int) -> List[str]:
+    """``n`` image paths of ROOT/train/<class>/*, strided evenly over the (class-sorted) listing."""
+    from .data import IMAGE_EXTENSIONS
+
+    paths = []
+    for d in sorted(p for p in (root / "train").iterdir() if p.is_dir()):
+        paths += [str(d / f) for f in sorted(os.listdir(d)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
+        raise FileNotFoundError(f"no images under {root}/train/<class>/")
+    idx = np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int)
+    return [paths[i] for i in idx]
+
+
+def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def sample_images(n: int, size: int, data: str, root: Path) -> Tuple[torch.Tensor, str]:
+    """(n, 3, size, size) uint8 images: decoded from the CIFAR-10 folder (resize short side + centre crop,
+    as ssl_sphere.data does; CIFAR's 32 px images are upsampled for larger sizes), or random pixels."""
+    from .data import decode_images
+
+    if data == "auto" and (root / "train").is_dir():
+        paths = folder_paths(root, n)
+        imgs = decode_images(paths, size, workers=min(2, os.cpu_count() or 1))
+        if imgs.shape[0] < n:  # tiny folder: repeat
+            imgs = imgs.repeat((n + imgs.shape[0] - 1) // imgs.shape[0], 1, 1, 1)[:n]
+        return imgs, f"cifar10 folder {root} ({len(paths)} images)"
+    why = "--data random" if data == "random" else f"{root}/train not found"
+    return random_images(n, size), f"random uint8 images ({why})"
+
+
+def train_images(size: int, data: str, root: Path, need: int) -> Tuple[torch.Tensor, Tuple, Tuple, str]:
+    """Training images for the step benchmark: the whole CIFAR-10 folder through
+    ssl_sphere.data.load_imagefolder when it fits in 2 GiB at ``size``, otherwise an evenly
+    strided subset of ``max(need, 10000)`` images, or random images. Returns (images, mean, std, source)."""
+    from .data import load_imagefolder
+
+    if data == "auto" and (root / "train").is_dir():
+        n_files = sum(len(os.listdir(d)) for d in (root / "train").iterdir() if d.is_dir())
+        if n_files * 3 * size * size <= 2 * 2**30:
+            t = time.perf_counter()
+            ds = load_imagefolder(str(root), size)
+            src = f"cifar10 folder {root} via load_imagefolder ({len(ds.train)} train images, {time.perf_counter() - t:.0f}s to decode)"
+            return ds.train.images, ds.mean, ds.std, src
+        imgs, src = sample_images(max(need, 10000), size, data, root)
+        return imgs, CIFAR_MEAN, CIFAR_STD, src + " (subset: the whole folder would not fit 2 GiB at this size)"
+    imgs, src = sample_images(max(need, 1024), size, data, root)
+    return imgs, CIFAR_MEAN, CIFAR_STD, src
+
+
+def to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    arr = images.permute(0, 2, 3, 1).contiguous().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+# ----------------------------------------------------------------------------- augment
+def simclr_aug_cfg(size: int):
+    """The resolved ``aug`` section of the simclr config at ``size`` (blur p 0 at <= 64 px, else 0.5)."""
+    from .pretrain import build_config
+
+    return build_config(["--method", "simclr", f"data.image_size={size}", "eval.every_epochs=0"]).aug
+
+
+def blur_kernel(size: int) -> int:
+    """The odd kernel side ~10% of the image that ssl_sphere.augment.blur uses."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def kornia_stock(a, size: int, mean, std, device) -> nn.Module:
+    """Stock Kornia SimCLR views with default options. ColorJitter (not ColorJiggle) is kornia 0.9's
+    class with torchvision's formulas (hue: HSV shift)."""
+    import kornia.augmentation as K
+
+    ops = [
+        K.RandomResizedCrop((size, size), scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio)),
+        K.RandomHorizontalFlip(p=a.hflip_p),
+        K.ColorJitter(a.brightness, a.contrast, a.saturation, a.hue, p=a.jitter_p),
+        K.RandomGrayscale(p=a.grayscale_p),
+    ]
+    if a.blur_p[0] > 0:
+        k = blur_kernel(size)
+        ops.append(K.RandomGaussianBlur((k, k), tuple(a.blur_sigma), p=a.blur_p[0]))
+    ops.append(K.Normalize(torch.tensor(mean), torch.tensor(std)))
+    return K.AugmentationSequential(*ops).to(device)
+
+
+def lightly_view_transform(method: str, a, size: int, mean, std):
+    """lightly's per-sample two-view transform for ``method`` with the parameters of our aug config."""
+    from lightly.transforms import BYOLTransform, MoCoV2Transform, SimCLRTransform
+    from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
+
+    common = dict(input_size=size, cj_prob=a.jitter_p, cj_strength=1.0, cj_bright=a.brightness,
+                  cj_contrast=a.contrast, cj_sat=a.saturation, cj_hue=a.hue, min_scale=a.crop_scale[0],
+                  random_gray_scale=a.grayscale_p, sigmas=tuple(a.blur_sigma), hf_prob=a.hflip_p,
+                  normalize={"mean": list(mean), "std": list(std)})
+    if method == "byol":
+        return BYOLTransform(
+            view_1_transform=BYOLView1Transform(gaussian_blur=a.blur_p[0], solarization_prob=a.solarize_p[0], **common),
+            view_2_transform=BYOLView2Transform(gaussian_blur=a.blur_p[1], solarization_prob=a.solarize_p[1], **common))
+    cls = MoCoV2Transform if method == "moco" else SimCLRTransform
+    return cls(gaussian_blur=a.blur_p[0], **common)
+
+
+class _Threads:
+    """Temporarily run torch with ``n`` intra-op threads (a DataLoader worker uses 1)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def bench_augment_size(size: int, batch: int, device: torch.device, data: str, root: Path, warmup: int,
+                       repeats: int, budget_s: float, pipelines: Sequence[str]) -> Tuple[Dict, Dict]:
+    from .augment import Augmenter
+
+    a = simclr_aug_cfg(size)
+    images, src = sample_images(batch, size, data, root)
+    x = images.to(device)
+    mean, std = CIFAR_MEAN, CIFAR_STD
+
+    fns: Dict[str, Callable[[], None]] = {}
+    if "ssl_sphere" in pipelines:
+        ours = Augmenter(a, size, mean, std).to(device)
+        fns["ssl_sphere"] = lambda: ours.views(x)
+    if "kornia_stock" in pipelines:
+        ks = kornia_stock(a, size, mean, std, device)
+
+        def kornia_views():
+            with torch.no_grad():
+                xf = x.float().div_(255)
+                return ks(xf), ks(xf)
+
+        fns["kornia_stock"] = kornia_views
+    if "torchvision_cpu" in pipelines:
+        pil = to_pil(images)
+        tv = lightly_view_transform("simclr", a, size, mean, std)
+
+        def torchvision_views():
+            with _Threads(1):
+                views = [tv(im) for im in pil]
+                return torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
+
+        fns["torchvision_cpu"] = torchvision_views
+
+    times = run_round_robin(fns, device, warmup, repeats, budget_s)
+    vps = {k: round(2 * batch / statistics.median(t), 1) for k, t in times.items()}
+    result = {"device": device.type, "image_size": size, "batch": batch, "views_per_s": vps}
+    extra = {"data": src, "repeats": {k: len(t) for k, t in times.items()},
+             "median_s": {k: statistics.median(t) for k, t in times.items()},
+             "blur_p": a.blur_p[0], "blur_kernel": blur_kernel(size) if a.blur_p[0] > 0 else None}
+    return result, extra
+
+
+def augment_main(args) -> List[Dict]:
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.data_root)
+    sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
+    pipelines = [p for p in args.pipelines.split(",") if p]
+    bad = sorted(set(pipelines) - set(AUG_PIPELINES))
+    if bad:
+        raise SystemExit(f"unknown pipelines {bad}; choose from {', '.join(AUG_PIPELINES)}")
+    say(f"# augment benchmark | device {device} | torch threads {torch.get_num_threads()} | batch {args.batch} | "
+        f"warmup {args.warmup}, repeats <= {args.repeats} (stop after {args.max_seconds:.0f}s per pipeline, min 3) | "
+        f"load avg {load_avg()}")
+    say("# torchvision_cpu = lightly SimCLRTransform per PIL image, one process, one torch thread "
+        "(one DataLoader worker; n workers give at most n x)")
+    results, extras = [], []
+    for size in sizes:
+        res, extra = bench_augment_size(size, args.batch, device, args.data, root, args.warmup, args.repeats,
+                                        args.max_seconds, pipelines)
+        results.append(res)
+        extras.append(extra)
+        v = res["views_per_s"]
+        say(f"\nimage size {size} px | data: {extra['data']} | blur "
+            + (f"p {extra['blur_p']} k {extra['blur_kernel']}" if extra["blur_kernel"] else "off")
+            + f" | load avg {load_avg()}")
+        say(f"{'pipeline':<16} {'views/s':>10} {'ms/batch(2 views)':>18} {'repeats':>8} {'ssl_sphere speed-up':>20}")
+        for k in v:
+            up = v.get("ssl_sphere", float("nan")) / v[k]
+            say(f"{k:<16} {v[k]:>10.1f} {1000 * extra['median_s'][k]:>18.1f} {extra['repeats'][k]:>8d} {up:>19.1f}x")
+    if args.json:
+        for res in results:
+            print(json.dumps(res), flush=True)
+    if args.out:
+        write_record(args.out, "augment", results, extras)
+    return results
+
+
+# ----------------------------------------------------------------------------- step
+def step_config(args):
+    from .pretrain import build_config
+
+    argv = ["--method", args.method, "--backbone", args.backbone, "--batch-size", str(args.batch),
+            "--device", args.device, f"data.image_size={args.image_size}", "eval.every_epochs=0",
+            "run.progress=false"] + (["--sec"] if args.sec else []) + list(args.overrides)
+    return build_config(argv)
+
+
+class PipelineStep:
+    """One training step of train.py's loop, built from its functions (build_model,
+    build_optimizer, lr_at, Augmenter, Pretrainer) in the loop's order."""
+
+    def __init__(self, cfg, images: torch.Tensor, mean, std, device: torch.device, total: int):
+        from .augment import Augmenter
+        from .data import epoch_batches
+        from .train import build_model, build_optimizer
+
+        self.cfg, self.device, self.total = cfg, device, total
+        self.n = images.shape[0]
+        self.on_device = cfg.data.on_device == "yes" or (
+            cfg.data.on_device == "auto" and device.type == "cuda" and images.numel() < 4 * 2**30)
+        self.images = images.to(device) if self.on_device else images
+        if not self.on_device and device.type == "cuda":
+            self.images = self.images.pin_memory()
+        self.aug = Augmenter(cfg.aug, cfg.data.image_size, mean, std).to(device)
+        self.model = build_model(cfg).to(device)
+        if cfg.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.method = self.model.method
+        if cfg.model.compile:
+            self.method.backbone.compile()
+        self.use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+        self.spe = max(1, self.n // cfg.optim.batch_size)
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.spe))
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.step_i = 0
+        self._epoch_batches = epoch_batches
+        self._batches = iter(())
+        self.model.train()
+
+    def next_indices(self) -> torch.Tensor:
+        idx = next(self._batches, None)
+        if idx is None:
+            epoch = self.step_i // self.spe
+            self._batches = self._epoch_batches(self.n, self.cfg.optim.batch_size, self.cfg.run.seed, epoch)
+            idx = next(self._batches)
+        return idx
+
+    def __call__(self) -> None:
+        from .train import lr_at
+
+        cfg, device, optimizer, step = self.cfg, self.device, self.optimizer, self.step_i
+        idx = self.next_indices()
+        progress = step / self.total
+        lr = lr_at(step, self.total, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        x = self.images[idx.to(self.images.device)] if self.on_device else self.images[idx]
+        x = x.to(device, non_blocking=True)
+        v1, v2 = self.aug.views(x)
+        if cfg.model.channels_last:
+            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            loss, method_loss, logs, emb = self.model(v1, v2, progress)
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device),
+                                     self.first_bad)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.method.after_step((step + 1) / self.total)
+        self.step_i += 1
+        self.last_loss = loss
+
+    def views(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One pair of views of a batch, as the step makes them."""
+        x = self.images[self.next_indices().to(self.images.device)].to(self.device)
+        v1, v2 = self.aug.views(x)
+        if self.cfg.model.channels_last:
+            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        return v1, v2
+
+
+class BackboneStep:
+    """Backbone-only step on fixed views: forward of each view, loss = sum of the features,
+    backward, optimiser step (same builder as training: same type and parameter groups).
+    ``ema_forward``: also a no-grad forward of an EMA copy on both views (MoCo / BYOL floor)."""
+
+    def __init__(self, cfg, views: Tuple[torch.Tensor, torch.Tensor], device: torch.device, ema_forward: bool):
+        from .backbones import build_backbone
+        from .train import build_optimizer
+
+        backbone, _ = build_backbone(cfg.model.backbone, cfg.model.small_images)
+        self.backbone = backbone.to(device)
+        if cfg.model.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.target = copy.deepcopy(self.backbone).requires_grad_(False) if ema_forward else None
+        self.optimizer = build_optimizer(self.backbone, cfg.optim)
+        self.views, self.device = views, device
+        self.use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+        self.backbone.train()
+        if self.target is not None:
+            self.target.train()
+
+    def __call__(self) -> None:
+        v1, v2 = self.views
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            loss = self.backbone(v1).float().sum() + self.backbone(v2).float().sum()
+            if self.target is not None:
+                with torch.no_grad():
+                    self.target(v1), self.target(v2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+class LightlyStep:
+    """lightly's reference pipeline: per-sample transforms in DataLoader workers, lightly heads,
+    losses and update_momentum (as in lightly's examples), same backbone and optimiser settings."""
+
+    def __init__(self, cfg, images: torch.Tensor, mean, std, device: torch.device, n_batches: int, workers: int):
+        from lightly.loss import NegativeCosineSimilarity, NTXentLoss
+        from lightly.models.modules.heads import (BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead,
+                                                  SimCLRProjectionHead)
+        from lightly.models.utils import deactivate_requires_grad, update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        from .backbones import build_backbone
+
+        m = cfg.method
+        self.name, self.device, self.update_momentum, self.cosine_schedule = m.name, device, update_momentum, cosine_schedule
+        backbone, fdim = build_backbone(cfg.model.backbone, cfg.model.small_images)
+        if m.name == "simclr":
+            self.online = nn.Sequential(backbone, SimCLRProjectionHead(fdim, m.proj_hidden_dim, m.proj_dim))
+            self.criterion = NTXentLoss(temperature=m.temperature)
+            self.target = self.predictor = None
+        elif m.name == "moco":
+            self.online = nn.Sequential(backbone, MoCoProjectionHead(fdim, m.proj_hidden_dim, m.proj_dim))
+            self.criterion = NTXentLoss(temperature=m.temperature, memory_bank_size=(m.queue_size, m.proj_dim))
+            self.predictor = None
+        else:
+            self.online = nn.Sequential(backbone, BYOLProjectionHead(fdim, m.proj_hidden_dim, m.proj_dim))
+            self.predictor = BYOLPredictionHead(m.proj_dim, m.pred_hidden_dim, m.proj_dim).to(device)
+            self.criterion = NegativeCosineSimilarity()
+        self.online = self.online.to(device)
+        if m.name != "simclr":
+            self.target = copy.deepcopy(self.online)
+            deactivate_requires_grad(self.target)
+        params = list(self.online.parameters()) + (list(self.predictor.parameters()) if self.predictor else [])
+        self.optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                         weight_decay=cfg.optim.weight_decay)
+        self.m0, self.m1 = m.momentum, m.momentum_final
+        self.symmetric = m.symmetric
+        self.total = 1000
+        self.step_i = 0
+
+        transform = lightly_view_transform(m.name, cfg.aug, cfg.data.image_size, mean, std)
+        pil = to_pil(images[: n_batches * cfg.optim.batch_size])
+        self.loader = torch.utils.data.DataLoader(
+            _PILDataset(pil, transform), batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
+            num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+        self.it = iter(self.loader)
+
+    def __call__(self) -> None:
+        try:
+            (x0, x1), _ = next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            (x0, x1), _ = next(self.it)
+        x0, x1 = x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
+        if self.name == "simclr":
+            loss = self.criterion(self.online(x0), self.online(x1))
+        elif self.name == "moco":
+            q0 = self.online(x0)
+            with torch.no_grad():
+                k1 = self.target(x1)
+            if self.symmetric:
+                q1 = self.online(x1)
+                with torch.no_grad():
+                    k0 = self.target(x0)
+                loss = self.criterion(q0, k1) + self.criterion(q1, k0)
+            else:
+                loss = self.criterion(q0, k1)
+        else:
+            p0, p1 = self.predictor(self.online(x0)), self.predictor(self.online(x1))
+            with torch.no_grad():
+                z0, z1 = self.target(x0), self.target(x1)
+            loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.target is not None:
+            self.update_momentum(self.online, self.target, self.cosine_schedule(self.step_i, self.total, self.m0, self.m1))
+        self.step_i += 1
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    def __init__(self, images: list, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), 0
+
+
+def step_main(args) -> Dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = step_config(args)
+    device = resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+    b = cfg.optim.batch_size
+    n_calls = args.warmup + args.steps
+    images, mean, std, src = train_images(cfg.data.image_size, args.data, Path(args.data_root), b * (n_calls + 1))
+    say(f"# step benchmark | {cfg.method.name}{' +SEC' if cfg.sec.enabled else ''} | {cfg.model.backbone} "
+        f"(small-image stem: {cfg.model.small_images}) | batch {b} | {cfg.data.image_size} px | device {device} | "
+        f"torch threads {torch.get_num_threads()} | warmup {args.warmup}, {args.steps} timed steps (median) | "
+        f"load avg {load_avg()}")
+    say(f"# data: {src}")
+    total = max(n_calls, cfg.optim.epochs * max(1, images.shape[0] // b))
+    pipe = PipelineStep(cfg, images, mean, std, device, total)
+    views = pipe.views()
+    fns = {"ssl_sphere": pipe, "backbone_only": BackboneStep(cfg, views, device, ema_forward=False)}
+    if cfg.method.name in ("moco", "byol"):
+        fns["backbone_plus_ema_fwd"] = BackboneStep(cfg, views, device, ema_forward=True)
+    times = run_round_robin(fns, device, args.warmup, args.steps, budget_s=float("inf"))
+    if not torch.isfinite(pipe.last_loss).item():
+        raise RuntimeError("the ssl_sphere step produced a non-finite loss")
+    load_mid = load_avg()
+    if args.compare_lightly:
+        workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+        say(f"# lightly reference: {type(lightly_view_transform(cfg.method.name, cfg.aug, cfg.data.image_size, mean, std)).__name__} "
+            f"per sample in a DataLoader with {workers} workers, lightly heads + loss + update_momentum")
+        del fns, pipe  # free memory before the next model
+        lstep = LightlyStep(cfg, images, mean, std, device, n_calls, workers)
+        times.update(run_round_robin({"lightly": lstep}, device, args.warmup, args.steps, budget_s=float("inf")))
+        del lstep
+    vps = {k: round(2 * b / statistics.median(t), 2) for k, t in times.items()}
+    ratio = vps["ssl_sphere"] / vps["backbone_only"]
+    res = {"device": device.type, "method": cfg.method.name, "backbone": cfg.model.backbone, "batch": b,
+           "image_size": cfg.data.image_size, "sec": bool(cfg.sec.enabled), "steps": args.steps,
+           "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
+           "data": "cifar10" if src.startswith("cifar10") else "random", "views_per_s": vps,
+           "ratio": round(ratio, 3)}
+    if "backbone_plus_ema_fwd" in vps:
+        res["ratio_vs_ema_floor"] = round(vps["ssl_sphere"] / vps["backbone_plus_ema_fwd"], 3)
+    if "lightly" in vps:
+        res["speedup_vs_lightly"] = round(vps["ssl_sphere"] / vps["lightly"], 3)
+    res["versions"] = {k: v for k, v in versions().items() if k in ("torch", "kornia", "lightly", "torchvision")}
+    say(f"\n{'pipeline':<22} {'views/s':>10} {'s/step':>8} {'steps':>6}")
+    for k in vps:
+        say(f"{k:<22} {vps[k]:>10.2f} {statistics.median(times[k]):>8.3f} {len(times[k]):>6d}")
+    say(f"ratio ssl_sphere / backbone_only = {res['ratio']:.3f}"
+        + (f" | vs backbone + EMA forward = {res['ratio_vs_ema_floor']:.3f}" if "ratio_vs_ema_floor" in res else "")
+        + (f" | ssl_sphere / lightly = {res['speedup_vs_lightly']:.2f}x" if "speedup_vs_lightly" in res else "")
+        + f" | load avg {load_avg()}")
+    if args.json:
+        print(json.dumps(res), flush=True)
+    if args.out:
+        write_record(args.out, "step", [res], [{"data": src, "load_avg_after_ssl_sphere": load_mid}])
+    return res
+
+
+# ----------------------------------------------------------------------------- records and CLI
+_LOAD_AT_START: Optional[List[float]] = None
+_COMMAND: List[str] = []
+
+
+def write_record(path: str, kind: str, results: List[Dict], extras: List[Dict]) -> None:
+    """A JSON record: command line, machine, versions, load averages, and the results (the --json lines)."""
+    rec = {"kind": kind, "command": "python -m ssl_sphere.bench " + " ".join(_COMMAND),
+           "machine": machine(), "versions": versions(), "load_avg_start": _LOAD_AT_START,
+           "load_avg_end": load_avg(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "results": results, "details": extras}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rec, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    say(f"# wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ssl_sphere.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: cuda if available")
+        q.add_argument("--json", action="store_true", help="print the result as JSON on the last stdout line(s)")
+        q.add_argument("--out", metavar="FILE.json", help="also write a record (command, machine, versions, load, results)")
+        q.add_argument("--data", default="auto", choices=("auto", "random"),
+                       help="auto: the CIFAR-10 image folder if present, else random uint8 images")
+        q.add_argument("--data-root", default=str(DEFAULT_DATA), metavar="DIR",
+                       help="CIFAR-10 image folder (default ../shared/data/cifar10 or $SSL_SPHERE_CIFAR10)")
+        q.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's default)")
+        q.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per pipeline (default 2)")
+
+    a = sub.add_parser("augment", help="views/s of two SimCLR views: ssl_sphere vs stock Kornia vs torchvision (lightly)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(a)
+    a.add_argument("--sizes", default="32", help="comma-separated image sizes (default 32; e.g. 32,96,224)")
+    a.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
+    a.add_argument("--repeats", type=int, default=10, help="timed repeats per pipeline (default 10)")
+    a.add_argument("--max-seconds", type=float, default=60.0,
+                   help="stop timing a pipeline once its repeats add up to this (min 3 repeats; default 60)")
+    a.add_argument("--pipelines", default=",".join(AUG_PIPELINES), help="subset to run (default: all three)")
+
+    s = sub.add_parser("step", help="training-step views/s: ssl_sphere pipeline vs backbone-only (vs lightly)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(s)
+    s.add_argument("--method", required=True, choices=("simclr", "moco", "byol"))
+    s.add_argument("--backbone", default="resnet18", help="default resnet18 (tiny, resnet34, resnet50, ...)")
+    s.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    s.add_argument("--image-size", type=int, default=32, help="image side in px (default 32)")
+    s.add_argument("--sec", action="store_true", help="with the spherical embedding constraint")
+    s.add_argument("--steps", type=int, default=5, help="timed steps per pipeline (default 5)")
+    s.add_argument("--compare-lightly", action="store_true", help="also time lightly's reference pipeline")
+    s.add_argument("--workers", type=int, default=None, help="DataLoader workers for --compare-lightly (default: cpu count)")
+    s.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides (after the options), e.g. model.channels_last=true method.queue_size=4096")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    global _LOAD_AT_START, _COMMAND
+    _LOAD_AT_START = load_avg()
+    _COMMAND = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.warmup < 0 or getattr(args, "repeats", 1) < 1 or getattr(args, "steps", 1) < 1:
+        raise SystemExit("--warmup must be >= 0 and --repeats / --steps >= 1")
+    if args.cmd == "augment":
+        augment_main(args)
+    else:
+        step_main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Distributed correctness on CPU with 2 gloo processes: gathered SimCLR negatives and
+SEC's global mean give the single-process loss and gradients; MoCo queues agree
+across ranks; checkpoints move between 1 and 2 processes; torchrun launches."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+from ssl_sphere import checkpoint, dist
+from ssl_sphere.losses import nt_xent
+from ssl_sphere.sphere import SEC
+
+from .conftest import REPO
+
+WORLD = 2
+B, D_IN, D = 8, 12, 6
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(D_IN, D, generator=g)
+    x1, x2 = torch.randn(B, D_IN, generator=g), torch.randn(B, D_IN, generator=g)
+    return w, x1, x2
+
+
+def _objective(w, x1, x2, gather, rank):
+    """BN-free model z = x W; SimCLR loss + batch-mean SEC (global mu), as the trainer adds them."""
+    z1, z2 = x1 @ w, x2 @ w
+    sec = SEC(weight=0.7, ema=1.0, ramp="none")
+    sec_term, _ = sec(torch.cat([z1, z2]), 1.0)
+    return nt_xent(z1, z2, 0.5, gather=gather, rank=rank) + sec_term
+
+
+def _equivalence_worker(rank, init_file, out_file):
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        w, x1, x2 = _data()
+        w.requires_grad_(True)
+        sl = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+        loss = _objective(w, x1[sl], x2[sl], dist.gather_with_grad, dist.rank())
+        loss.backward()
+        grad = w.grad.clone()
+        tdist.all_reduce(grad)  # what DDP does: average over ranks
+        grad /= WORLD
+        mean_loss = loss.detach().clone()
+        tdist.all_reduce(mean_loss)
+        mean_loss /= WORLD
+        if rank == 0:
+            torch.save({"loss": mean_loss, "grad": grad}, out_file)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_simclr_gather_and_sec_match_single_process(tmp_path):
+    out = tmp_path / "out.pt"
+    mp.spawn(_equivalence_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    res = torch.load(out)
+    w, x1, x2 = _data()
+    w.requires_grad_(True)
+    loss = _objective(w, x1, x2, lambda t: t, 0)
+    loss.backward()
+    torch.testing.assert_close(res["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res["grad"], w.grad, rtol=1e-4, atol=1e-6)
+
+
+def _moco_worker(rank, init_file, out_file):
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        from ssl_sphere.config import resolve, structured
+        from ssl_sphere.train import build_model
+
+        cfg = structured()
+        cfg.method.queue_size, cfg.method.proj_hidden_dim, cfg.optim.batch_size = 64, 32, 4
+        cfg = resolve(cfg)
+        torch.manual_seed(0)  # same initial weights and queue on both ranks (DDP would broadcast them)
+        m = build_model(cfg).method
+        torch.manual_seed(100 + rank)  # different data per rank
+        m(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+        keys = [torch.empty_like(m.queue.keys) for _ in range(WORLD)]
+        tdist.all_gather(keys, m.queue.keys)
+        x = torch.arange(14.0).view(7, 2)  # 7 rows over 2 ranks: uneven shards
+        sharded = dist.gather_sharded(x[rank::WORLD], 7)
+        if rank == 0:
+            torch.save({"keys": keys, "ptr": int(m.queue.ptr), "sharded_ok": torch.equal(sharded, x)}, out_file)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_moco_queue_identical_on_every_rank(tmp_path):
+    out = tmp_path / "out.pt"
+    mp.spawn(_moco_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    res = torch.load(out)
+    torch.testing.assert_close(res["keys"][0], res["keys"][1], rtol=0, atol=0)
+    assert res["ptr"] == 2 * 4 * WORLD  # both views' keys of both ranks were enqueued
+    assert res["sharded_ok"]  # kNN monitor shards reassemble in the original order
+
+
+def _torchrun(tmp_path, *args, script=False):
+    """2 CPU ranks through torchrun directly, or through launch/torchrun.sh (script=True)."""
+    launcher = (["bash", str(REPO / "launch" / "torchrun.sh"), str(WORLD)] if script else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+                 "-m", "ssl_sphere.pretrain"])
+    cmd = [*launcher, "--output-dir", str(tmp_path), "--device", "cpu",
+           "run.progress=false", "method.proj_hidden_dim=64", *args]
+    # the venv's torchrun must be on PATH for the launch script
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    return res
+
+
+def test_torchrun_two_ranks_then_resume_on_one_and_back(tmp_path):
+    from ssl_sphere.pretrain import build_config
+    from ssl_sphere.train import train
+
+    res = _torchrun(tmp_path, "--method", "moco", "--sec", "--batch-size", "64", "--max-steps", "2",
+                    "eval.bank_size=200", "eval.test_size=100", "--run-name", "r")
+    run_dir = tmp_path / "r"
+    assert res.stdout.count("[ssl_sphere] run dir") == 1  # rank 0 alone prints and logs
+    assert not (tmp_path / "r-2").exists()  # both ranks agreed on one run directory
+    ck = checkpoint.load(str(run_dir / "last.pt"))
+    assert ck["step"] == 2 and ck["world_size"] == WORLD
+    assert ck["config"]["optim"]["lr"] == pytest.approx(0.06 * 64 * WORLD / 128)  # global-batch lr
+    knn = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [r["step"] for r in knn] == [0, 2]
+
+    # 2-rank checkpoint resumes on 1 process ...
+    s = train(build_config(["--resume", str(run_dir / "last.pt"), "--max-steps", "4", "run.progress=false"]))
+    assert s["step"] == 4
+    # ... and a 1-process checkpoint resumes on 2 ranks
+    _torchrun(tmp_path, "--resume", str(run_dir / "last.pt"), "--max-steps", "6", script=True)
+    assert checkpoint.load(str(run_dir / "last.pt"))["step"] == 6
+
