@@ -102,6 +102,27 @@ class SecConfig:
 
 
 @dataclass
+class SeeConfig:
+    """Spherical embedding expansion (Le, Woo, PAKDD 2024); MoCo and SimCLR only."""
+
+    enabled: bool = False
+    n: int = 8  # synthetic points per expanded sample (paper: 8)
+    weight: float = 0.2  # lambda (paper: 0.2)
+    fraction: float = 0.4  # share of most confident samples expanded, ramped 0 -> fraction (paper: 0.4)
+
+
+@dataclass
+class VmfConfig:
+    """vMF mixture loss on pseudo-classes (Zhe, Chen, Yan); any method."""
+
+    enabled: bool = False
+    k: int = 100  # pseudo-classes (spherical k-means clusters)
+    kappa: float = 10.0  # shared concentration
+    weight: float = 0.5  # lambda of the auxiliary loss (not tuned; see README study)
+    refresh_epochs: int = 1  # re-estimate means and pseudo-labels every N epochs
+
+
+@dataclass
 class OptimConfig:
     optimizer: str = "sgd"
     epochs: int = 15
@@ -146,6 +167,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     sec: SecConfig = field(default_factory=SecConfig)
+    see: SeeConfig = field(default_factory=SeeConfig)
+    vmf: VmfConfig = field(default_factory=VmfConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -309,6 +332,19 @@ def resolve(cfg: DictConfig) -> DictConfig:
                "raise it or lower the batch")
     _check(0.0 < c.sec.ema <= 1.0, "sec.ema", f"rho must be in (0, 1] (1 = batch mean), got {c.sec.ema}")
     _check(c.sec.weight >= 0, "sec.weight", "must be >= 0")
+    if c.see.enabled:
+        _check(name != "byol", "see.enabled",
+               "SEE has no role in BYOL: its synthetic points serve as extra negatives (MoCo) or as anchors of "
+               "an InfoNCE over the batch (SimCLR), and BYOL has neither negatives nor proxies; use --method "
+               "moco or simclr")
+        _check(c.see.n >= 1, "see.n", "must be >= 1")
+        _check(c.method.proj_dim >= c.see.n + 2, "see.n",
+               f"n={c.see.n} synthetic points need method.proj_dim >= n + 2 = {c.see.n + 2} (got {c.method.proj_dim})")
+        _check(0.0 <= c.see.fraction <= 1.0, "see.fraction", "must be in [0, 1]")
+        _check(c.see.weight >= 0, "see.weight", "must be >= 0")
+    _check(c.vmf.k >= 2, "vmf.k", "needs at least 2 pseudo-classes")
+    _check(c.vmf.kappa > 0, "vmf.kappa", "must be > 0")
+    _check(c.vmf.refresh_epochs >= 1, "vmf.refresh_epochs", "must be >= 1")
     _check(c.eval.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
     _check(c.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
     _check(c.run.log_every >= 1, "run.log_every", "must be >= 1")

@@ -60,3 +60,27 @@ def byol_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p.float(), z.float().detach(), dim=1)).mean()
 
 
+
+
+def vmf_loss(z: torch.Tensor, means: torch.Tensor, labels: torch.Tensor, kappa: float) -> torch.Tensor:
+    """vMF mixture with shared concentration (Zhe, Chen, Yan): the normaliser C_d(kappa)
+    cancels, leaving -log softmax_c(kappa <mu_c, z_hat>)[y], mean over rows.
+
+    z: (B, D) raw embeddings; means: (C, D) mean directions (normalised here);
+    labels: (B,) class / pseudo-class of each row."""
+    z = F.normalize(z.float(), dim=1)
+    mu = F.normalize(means.float(), dim=1)
+    return F.cross_entropy(kappa * z @ mu.T, labels)
+
+
+def info_nce_masked(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float,
+                    valid: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with per-query negatives masks (SEE's synthetic negatives), mean over queries.
+
+    q: (B, D) raw queries; k: (B, D) positives; negatives: (M, D); valid: (B, M) bool,
+    False where a negative must not count for that query (e.g. its own instance)."""
+    q = F.normalize(q.float(), dim=1)
+    pos = (q * F.normalize(k.float(), dim=1)).sum(1, keepdim=True)
+    neg = (q @ F.normalize(negatives.float(), dim=1).T).masked_fill(~valid, float("-inf"))
+    logits = torch.cat([pos, neg], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))

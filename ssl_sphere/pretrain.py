@@ -18,7 +18,7 @@ EPILOG = """\
 Any config field can be set with trailing key=value overrides, e.g.
   method.temperature=0.2 sec.weight=0.5 aug.blur_p=[0.5,0.5] eval.every_epochs=5
 Precedence: dataclass defaults < --config YAML < flags < key=value.
-Sections: data, aug, model, method, sec, optim, eval, run (see ssl_sphere/config.py
+Sections: data, aug, model, method, sec, see, vmf, optim, eval, run (see ssl_sphere/config.py
 or the config.yaml saved in every run directory for all keys and defaults).
 """
 
@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sec-weight", type=float, metavar="ETA", help="SEC weight eta (implies --sec; default 0.1)")
     p.add_argument("--sec-ema", type=float, metavar="RHO",
                    help="EMA variant of SEC: mu_t = (1-RHO) mu_{t-1} + RHO * batch mean, RHO in (0, 1] (implies --sec)")
+    p.add_argument("--see", action="store_true",
+                   help="spherical embedding expansion (MoCo: synthetic negatives; SimCLR: auxiliary InfoNCE); see.* keys")
+    p.add_argument("--vmf", action="store_true",
+                   help="auxiliary vMF loss on spherical k-means pseudo-classes (vmf.k, vmf.kappa, vmf.weight, ...)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML recipe (see configs/)")
     p.add_argument("--dataset", choices=C.DATASET_CHOICES, help="dataset (default: digits, embedded, no download)")
     p.add_argument("--data-root", metavar="DIR",
@@ -94,8 +98,9 @@ def config_layers(args: argparse.Namespace) -> List[Tuple[Any, str]]:
     flat = {FLAG_KEYS[k]: v for k, v in vars(args).items() if k in FLAG_KEYS}
     if getattr(args, "sec", False) or "sec_weight" in vars(args) or "sec_ema" in vars(args):
         flat["sec.enabled"] = True
-    if getattr(args, "download", False):
-        flat["data.download"] = True
+    for flag, key in (("download", "data.download"), ("see", "see.enabled"), ("vmf", "vmf.enabled")):
+        if getattr(args, flag, False):
+            flat[key] = True
     if flat:
         layers.append((_nest(flat), "command-line flags"))
     for item in getattr(args, "overrides", []):

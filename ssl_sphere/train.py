@@ -18,11 +18,11 @@ from torch import nn
 from . import checkpoint, dist
 from .augment import Augmenter
 from .backbones import build_backbone
-from .config import to_container
+from .config import ConfigError, to_container
 from .data import DataSplits, epoch_batches, load_data, steps_per_epoch
 from .methods import Method, build_method
 from .monitor import KnnMonitor, RunLogger
-from .sphere import SEC, norm_stats
+from .sphere import SEC, VMF, norm_stats
 
 
 class NonFiniteLoss(RuntimeError):
@@ -33,12 +33,13 @@ class Pretrainer(nn.Module):
     """A method plus the optional SEC regulariser: one module, one state_dict
     (weights, EMA copies, queue and SEC's running mean together)."""
 
-    def __init__(self, method: Method, sec: Optional[SEC]):
+    def __init__(self, method: Method, sec: Optional[SEC], vmf: Optional[VMF] = None):
         super().__init__()
-        self.method, self.sec = method, sec
+        self.method, self.sec, self.vmf = method, sec, vmf
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, progress: float):
-        """Returns (total loss, method loss, logs of device scalars, raw embeddings)."""
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, progress: float, idx: Optional[torch.Tensor] = None):
+        """x1, x2: (B, 3, H, W) views; idx: (B,) dataset indices (needed by vMF).
+        Returns (total loss, method loss, logs of device scalars, raw embeddings)."""
         out = self.method(x1, x2)
         logs = dict(out.logs)
         logs.update(norm_stats(out.embeddings))
@@ -47,14 +48,47 @@ class Pretrainer(nn.Module):
             sec_term, sec_logs = self.sec(out.embeddings, progress)
             total = total + sec_term
             logs.update(sec_logs)
+        if self.vmf is not None:
+            vmf_term, vmf_logs = self.vmf(out.embeddings, idx)
+            total = total + vmf_term
+            logs.update(vmf_logs)
         return total, out.loss, logs, out.embeddings
 
 
-def build_model(cfg: DictConfig) -> Pretrainer:
+def build_model(cfg: DictConfig, n_train: int = 0) -> Pretrainer:
+    """n_train: training-set size (vMF keeps one pseudo-label per image)."""
     backbone, fdim = build_backbone(cfg.model.backbone, cfg.model.small_images)
-    method = build_method(cfg.method, backbone, fdim)
+    method = build_method(cfg.method, backbone, fdim, cfg.see)
     sec = SEC(cfg.sec.weight, cfg.sec.ema, cfg.sec.ramp) if cfg.sec.enabled else None
-    return Pretrainer(method, sec)
+    vmf = None
+    if cfg.vmf.enabled:
+        if cfg.vmf.k > n_train:
+            raise ConfigError(f"invalid value for 'vmf.k': {cfg.vmf.k} pseudo-classes but only {n_train} training images")
+        vmf = VMF(cfg.vmf.k, cfg.method.proj_dim, n_train, cfg.vmf.kappa, cfg.vmf.weight)
+    return Pretrainer(method, sec, vmf)
+
+
+class EmbedView(nn.Module):
+    """Presents a method's loss-space embedding (``embed``) as ``features`` for extract_features."""
+
+    def __init__(self, method: Method):
+        super().__init__()
+        self.method = method
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.embed(x)
+
+
+@torch.no_grad()
+def refresh_vmf(model: Pretrainer, images: torch.Tensor, transform, cfg: DictConfig, device, seed: int) -> None:
+    """vMF "global structure learning": embed the whole training set with the momentum
+    (or eval-mode) encoder, eval transform only, sharded over ranks, then spherical
+    k-means -> mean directions + pseudo-labels (identical on every rank: same inputs, same seed)."""
+    from .evaluation import extract_features
+
+    r, w = dist.rank(), dist.world_size()
+    emb = extract_features(EmbedView(model.method), images[r::w], cfg.eval.batch_size, device, transform)
+    model.vmf.refresh(dist.gather_sharded(emb, images.shape[0]), seed)
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float = 0.0) -> float:
@@ -144,7 +178,7 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     warmup = int(round(cfg.optim.warmup_epochs * spe))
 
     aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std).to(device)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, n).to(device)
     if world > 1 and cfg.model.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
@@ -245,6 +279,8 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     try:
         while step < stop:
             epoch, pos = divmod(step, spe)
+            if model.vmf is not None and (not bool(model.vmf.initialised) or (pos == 0 and epoch % cfg.vmf.refresh_epochs == 0)):
+                refresh_vmf(model, splits.train.images, aug.eval_transform, cfg, device, seed=cfg.run.seed + epoch)
             logs, emb = {}, None
             for idx in epoch_batches(n, cfg.optim.batch_size, cfg.run.seed, epoch, pos, rank, world):
                 progress = step / total
@@ -257,7 +293,7 @@ def train(cfg: DictConfig) -> Dict[str, float]:
                 if cfg.model.channels_last:
                     v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, method_loss, logs, emb = ddp(v1, v2, progress)
+                    loss, method_loss, logs, emb = ddp(v1, v2, progress, idx.to(device))
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device), first_bad)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -10,8 +10,8 @@ from .simclr import SimCLR
 METHODS = {"simclr": SimCLR, "moco": MoCo, "byol": BYOL}
 
 
-def build_method(method_cfg, backbone, feature_dim) -> Method:
-    return METHODS[method_cfg.name](backbone, feature_dim, method_cfg)
+def build_method(method_cfg, backbone, feature_dim, see_cfg=None) -> Method:
+    return METHODS[method_cfg.name](backbone, feature_dim, method_cfg, see_cfg)
 
 
 __all__ = ["METHODS", "Method", "StepOutput", "build_method", "cosine_momentum"]

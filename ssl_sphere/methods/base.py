@@ -32,11 +32,14 @@ def cosine_momentum(progress: float, base: float, final: float) -> float:
 class Method(nn.Module):
     """backbone: (B, 3, H, W) -> (B, F). Subclasses define forward(x1, x2) -> StepOutput."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, cfg):
+    def __init__(self, backbone: nn.Module, feature_dim: int, cfg, see=None):
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.cfg = cfg  # the method section of the config (read-only)
+        self.see = see if see is not None and see.enabled else None  # SEE section, if on
+        # training progress in [0, 1] as of the last after_step: drives SEE's ramp (checkpointed)
+        self.register_buffer("progress", torch.zeros(()))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) normalised images -> (B, F) backbone features for evaluation."""
@@ -44,6 +47,16 @@ class Method(nn.Module):
 
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step with training progress in [0, 1]."""
+        self.progress.fill_(progress)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) -> (B, D) embeddings in the loss space from the momentum
+        encoder where there is one (vMF's global structure estimation)."""
+        raise NotImplementedError
+
+    def see_fraction(self) -> float:
+        """Share of samples SEE expands now: ramps 0 -> see.fraction over training."""
+        return self.see.fraction * float(self.progress) if self.see is not None else 0.0
 
     def momentum_at(self, progress: float) -> float:
         return cosine_momentum(progress, self.cfg.momentum, self.cfg.momentum_final)

@@ -11,8 +11,8 @@ from .base import EMAPair, Method, StepOutput
 
 
 class BYOL(Method):
-    def __init__(self, backbone, feature_dim, cfg):
-        super().__init__(backbone, feature_dim, cfg)
+    def __init__(self, backbone, feature_dim, cfg, see=None):
+        super().__init__(backbone, feature_dim, cfg, see)
         projector = BYOLProjectionHead(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.encoder = EMAPair(nn.Sequential(backbone, projector))
         self.predictor = BYOLPredictionHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
@@ -27,5 +27,9 @@ class BYOL(Method):
         loss = byol_regression(p1, t2) + byol_regression(p2, t1)
         return StepOutput(loss, torch.cat([p1, p2], 0))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.target(x)
+
     def after_step(self, progress: float) -> None:
+        super().after_step(progress)
         self.encoder.update(self.momentum_at(progress))

@@ -8,19 +8,21 @@ matches its recipe), and both key sets are enqueued.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from lightly.models.modules.heads import MoCoProjectionHead
 from lightly.models.utils import batch_shuffle, batch_unshuffle
 from torch import nn
 
 from .. import dist
-from ..losses import info_nce
+from ..losses import info_nce, info_nce_masked
 from ..queue import NegativeQueue
+from ..sphere import see_expand, see_select
 from .base import EMAPair, Method, StepOutput
 
 
 class MoCo(Method):
-    def __init__(self, backbone, feature_dim, cfg):
-        super().__init__(backbone, feature_dim, cfg)
+    def __init__(self, backbone, feature_dim, cfg, see=None):
+        super().__init__(backbone, feature_dim, cfg, see)
         projector = MoCoProjectionHead(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.encoder = EMAPair(nn.Sequential(backbone, projector))
         self.queue = NegativeQueue(cfg.queue_size, cfg.proj_dim)
@@ -46,12 +48,39 @@ class MoCo(Method):
             k1 = self._keys(x1)
             loss = info_nce(q1, k2, negatives, t) + info_nce(q2, k1, negatives, t)
             queries, keys = torch.cat([q1, q2]), torch.cat([k1, k2])
+            pairs = [(q1, k2), (q2, k1)]
         else:
             loss = info_nce(q1, k2, negatives, t)
             queries, keys = q1, k2
+            pairs = [(q1, k2)]
+        logs = {}
+        frac = self.see_fraction()
+        if frac > 0:
+            see_loss = sum(self._see_loss(q, k, negatives, frac) for q, k in pairs)
+            loss = loss + self.see.weight * see_loss
+            logs["see_loss"] = see_loss.detach()
         if self.training:
             self.queue.enqueue(keys)
-        return StepOutput(loss, queries)
+        return StepOutput(loss, queries, logs)
+
+    def _see_loss(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, fraction: float) -> torch.Tensor:
+        """InfoNCE whose negatives are the queue plus synthetic points built around the
+        keys of the most confident pairs (anchor = key, z = detached query); a query
+        never sees the points of its own instance. q, k: (B, D); negatives: (K, D)."""
+        b, n = q.shape[0], self.see.n
+        with torch.no_grad():
+            qn, kn = F.normalize(q.detach().float(), dim=1), F.normalize(k.float(), dim=1)
+            chosen = torch.zeros(b, dtype=torch.bool, device=q.device)
+            chosen[see_select((qn * kn).sum(1), fraction)] = True
+            synth = see_expand(qn, kn, n).reshape(b * n, -1)  # (B*n, D), detached
+            owner = torch.arange(b, device=q.device).repeat_interleave(n)
+            valid = (owner[None, :] != torch.arange(b, device=q.device)[:, None]) & chosen[owner][None, :]
+            valid = torch.cat([torch.ones(b, negatives.shape[0], dtype=torch.bool, device=q.device), valid], 1)
+        return info_nce_masked(q, k, torch.cat([negatives.float(), synth]), self.cfg.temperature, valid)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.target(x)
 
     def after_step(self, progress: float) -> None:
+        super().after_step(progress)
         self.encoder.update(self.momentum_at(progress))

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from lightly.models.modules.heads import SimCLRProjectionHead
 
 from .. import dist
 from ..losses import nt_xent
+from ..sphere import see_expand, see_select
 from .base import Method, StepOutput
 
 
 class SimCLR(Method):
-    def __init__(self, backbone, feature_dim, cfg):
-        super().__init__(backbone, feature_dim, cfg)
+    def __init__(self, backbone, feature_dim, cfg, see=None):
+        super().__init__(backbone, feature_dim, cfg, see)
         self.projector = SimCLRProjectionHead(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> StepOutput:
@@ -20,4 +22,27 @@ class SimCLR(Method):
         z1 = self.projector(self.backbone(x1))
         z2 = self.projector(self.backbone(x2))
         loss = nt_xent(z1, z2, self.cfg.temperature, gather=dist.gather_with_grad, rank=dist.rank())
-        return StepOutput(loss, torch.cat([z1, z2], 0))
+        logs = {}
+        frac = self.see_fraction()
+        if frac > 0:
+            see_loss = self._see_loss(z1, z2, frac) + self._see_loss(z2, z1, frac)
+            loss = loss + self.see.weight * see_loss
+            logs["see_loss"] = see_loss.detach()
+        return StepOutput(loss, torch.cat([z1, z2], 0), logs)
+
+    def _see_loss(self, z: torch.Tensor, anchor: torch.Tensor, fraction: float) -> torch.Tensor:
+        """Auxiliary InfoNCE: synthetic points around each confident ``anchor`` view
+        (built from the detached other view ``z``) are detached queries whose positive is
+        their own anchor and whose negatives are the other anchors of the batch; it trains
+        the anchor view. z, anchor: (B, D) raw."""
+        n = self.see.n
+        an = F.normalize(anchor.float(), dim=1)
+        with torch.no_grad():
+            zn, ad = F.normalize(z.detach().float(), dim=1), an.detach()
+            chosen = see_select((zn * ad).sum(1), fraction)
+            synth = see_expand(zn[chosen], ad[chosen], n).reshape(-1, an.shape[1])  # (k*n, D)
+            target = chosen.repeat_interleave(n)
+        return F.cross_entropy(synth @ an.T / self.cfg.temperature, target)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
