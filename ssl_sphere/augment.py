@@ -71,16 +71,16 @@ def sample_crops(b: int, height: int, width: int, scale: Sequence[float], ratio:
 
 def crop_resize_flip(x: torch.Tensor, crops: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
     """x: (B, C, H, W) float; crops: (B, 4) (x0, y0, w, h) px; flip: (B,) bool -> (B, C, size, size).
-    One bilinear grid_sample for the whole batch (align_corners=False geometry)."""
+    One bilinear grid_sample for the whole batch (align_corners=False geometry). Crop and
+    flip are axis-aligned, so the sampling grid is built by broadcasting a per-sample
+    column of x and row of y (cheaper than F.affine_grid's batched matmul)."""
     b, _, height, width = x.shape
     x0, y0, w, h = crops.unbind(1)
-    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
     sign = 1.0 - 2.0 * flip.to(x.dtype)
-    theta[:, 0, 0] = w / width * sign
-    theta[:, 0, 2] = (2 * x0 + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * y0 + h) / height - 1
-    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    base = (2 * torch.arange(size, device=x.device, dtype=x.dtype) + 1) / size - 1  # output pixel centres
+    gx = (w / width * sign).view(-1, 1) * base + ((2 * x0 + w) / width - 1).view(-1, 1)  # (B, S)
+    gy = (h / height).view(-1, 1) * base + ((2 * y0 + h) / height - 1).view(-1, 1)  # (B, S)
+    grid = torch.stack([gx.view(b, 1, size).expand(b, size, size), gy.view(b, size, 1).expand(b, size, size)], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -123,28 +123,38 @@ def adjust_saturation(x, f):
 
 def color_jitter(x: torch.Tensor, p: float, strengths: Sequence[float]) -> torch.Tensor:
     """torchvision ColorJitter(b, c, s, h) applied with probability p per sample, the
-    four ops in a random order per sample. Samples not jittered (or an op at
-    another slot) get identity parameters, so the batch stays one tensor."""
+    four ops in a random order per sample, clamped after each op as torchvision does.
+
+    Every op is a per-sample affine map of the RGB vector (brightness f*I, contrast
+    f*I + (1-f)*grey mean, saturation f*I + (1-f)*1 luma^T, hue a YIQ rotation), so
+    each of the 4 order slots is ONE batched 3x3 matrix product (baddbmm) + clamp;
+    samples not jittered get identity parameters."""
     bri, con, sat, hue = strengths
-    b, dev = x.shape[0], x.device
+    b, c, h, w = x.shape
+    dev, dt = x.device, x.dtype
     on = torch.rand(b, device=dev) < p
     one = torch.ones(b, device=dev)
-    factors = [
-        torch.where(on, _uniform(b, max(0.0, 1 - bri), 1 + bri, dev), one),
-        torch.where(on, _uniform(b, max(0.0, 1 - con), 1 + con, dev), one),
-        torch.where(on, _uniform(b, max(0.0, 1 - sat), 1 + sat, dev), one),
-        torch.where(on, _uniform(b, -hue, hue, dev), one * 0),
-    ]
-    identity = [1.0, 1.0, 1.0, 0.0]
-    ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
-    active = [s > 0 for s in strengths]
-    order = torch.argsort(torch.rand(b, 4, device=dev), dim=1)  # per-sample permutation
+    fb = torch.where(on, _uniform(b, max(0.0, 1 - bri), 1 + bri, dev), one)
+    fc = torch.where(on, _uniform(b, max(0.0, 1 - con), 1 + con, dev), one)
+    fs = torch.where(on, _uniform(b, max(0.0, 1 - sat), 1 + sat, dev), one)
+    fh = torch.where(on, _uniform(b, -hue, hue, dev), one * 0)
+    order = torch.argsort(torch.rand(b, 4, device=dev), dim=1)  # per-sample permutation of the 4 ops
+    luma = torch.tensor(_LUMA, device=dev, dtype=dt)
+    eye = torch.eye(3, device=dev, dtype=dt).expand(b, 3, 3)
+    mats = torch.stack([
+        fb.view(-1, 1, 1) * eye,
+        fc.view(-1, 1, 1) * eye,
+        fs.view(-1, 1, 1) * eye + (1 - fs).view(-1, 1, 1) * luma.view(1, 1, 3),
+        hue_matrices(fh),
+    ], 1)  # (B, 4, 3, 3)
+    y = x.reshape(b, 3, h * w)
+    rows = torch.arange(b, device=dev)
     for slot in range(4):
-        for k, op in enumerate(ops):
-            if active[k]:
-                f = torch.where(order[:, slot] == k, factors[k], torch.full_like(factors[k], identity[k]))
-                x = op(x, f)
-    return x
+        k = order[:, slot]
+        grey_mean = y.mean(2) @ luma  # (B,) of the current image (contrast's blend target)
+        off = torch.where(k == 1, (1 - fc) * grey_mean, torch.zeros_like(grey_mean))
+        y = torch.baddbmm(off.view(-1, 1, 1).expand(b, 3, 1), mats[rows, k], y).clamp_(0, 1)
+    return y.view(b, c, h, w)
 
 
 def blur(x: torch.Tensor, p: float, sigma: Sequence[float]) -> torch.Tensor:

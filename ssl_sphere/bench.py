@@ -2,7 +2,8 @@
 
     python -m ssl_sphere.bench augment [--device cpu|cuda|auto] [--sizes 32,96,224] [--batch 256] [--repeats N] [--json]
     python -m ssl_sphere.bench step --method {simclr,moco,byol} [--backbone resnet18] [--batch 128] [--image-size 32]
-        [--sec] [--device ...] [--steps 5] [--warmup 2] [--compare-lightly] [--json] [section.key=value ...]
+        [--sec] [--device ...] [--steps 5] [--warmup 1] [--profile] [--compare-lightly] [--threads N] [--json]
+        [--out FILE.json] [section.key=value ...]
 
 ``augment`` times two SimCLR views of one uint8 batch per image size for
   * ``ssl_sphere``: our :class:`ssl_sphere.augment.Augmenter` (simclr config; blur p 0.5 for sizes > 64 as the recipes),
@@ -356,7 +357,7 @@ class PipelineStep:
         if not self.on_device and device.type == "cuda":
             self.images = self.images.pin_memory()
         self.aug = Augmenter(cfg.aug, cfg.data.image_size, mean, std).to(device)
-        self.model = build_model(cfg).to(device)
+        self.model = build_model(cfg, self.n).to(device)
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -370,6 +371,11 @@ class PipelineStep:
         self.step_i = 0
         self._epoch_batches = epoch_batches
         self._batches = iter(())
+        self.phases: Optional[Dict[str, List[float]]] = None
+        if getattr(self.model, "vmf", None) is not None:  # per-epoch refresh, outside the timed steps as in train.py
+            from .train import refresh_vmf
+
+            refresh_vmf(self.model, images, self.aug.eval_transform, cfg, device, seed=cfg.run.seed)
         self.model.train()
 
     def next_indices(self) -> torch.Tensor:
@@ -380,10 +386,21 @@ class PipelineStep:
             idx = next(self._batches)
         return idx
 
+    def _mark(self, name: str) -> None:
+        """--profile: wall time of each phase of the step (device synchronised)."""
+        if self.phases is not None:
+            sync(self.device)
+            now = time.perf_counter()
+            self.phases.setdefault(name, []).append(now - self._t)
+            self._t = now
+
     def __call__(self) -> None:
         from .train import lr_at
 
         cfg, device, optimizer, step = self.cfg, self.device, self.optimizer, self.step_i
+        if self.phases is not None:
+            sync(device)
+            self._t = time.perf_counter()
         idx = self.next_indices()
         progress = step / self.total
         lr = lr_at(step, self.total, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
@@ -391,17 +408,23 @@ class PipelineStep:
             g["lr"] = lr
         x = self.images[idx.to(self.images.device)] if self.on_device else self.images[idx]
         x = x.to(device, non_blocking=True)
+        self._mark("batch_index")
         v1, v2 = self.aug.views(x)
         if cfg.model.channels_last:
             v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        self._mark("augment")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            loss, method_loss, logs, emb = self.model(v1, v2, progress)
+            loss, method_loss, logs, emb = self.model(v1, v2, progress, idx.to(device))
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device),
                                      self.first_bad)
+        self._mark("forward")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._mark("backward")
         optimizer.step()
+        self._mark("optimizer")
         self.method.after_step((step + 1) / self.total)
+        self._mark("after_step")
         self.step_i += 1
         self.last_loss = loss
 
@@ -554,11 +577,14 @@ def step_main(args) -> Dict:
     say(f"# data: {src}")
     total = max(n_calls, cfg.optim.epochs * max(1, images.shape[0] // b))
     pipe = PipelineStep(cfg, images, mean, std, device, total)
+    if args.profile:
+        pipe.phases = {}
     views = pipe.views()
     fns = {"ssl_sphere": pipe, "backbone_only": BackboneStep(cfg, views, device, ema_forward=False)}
     if cfg.method.name in ("moco", "byol"):
         fns["backbone_plus_ema_fwd"] = BackboneStep(cfg, views, device, ema_forward=True)
     times = run_round_robin(fns, device, args.warmup, args.steps, budget_s=float("inf"))
+    phases = {k: round(statistics.median(v[args.warmup:] or v), 4) for k, v in (pipe.phases or {}).items()}
     if not torch.isfinite(pipe.last_loss).item():
         raise RuntimeError("the ssl_sphere step produced a non-finite loss")
     load_mid = load_avg()
@@ -577,10 +603,14 @@ def step_main(args) -> Dict:
            "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
            "data": "cifar10" if src.startswith("cifar10") else "random", "views_per_s": vps,
            "ratio": round(ratio, 3)}
+    if args.overrides:
+        res["overrides"] = list(args.overrides)
     if "backbone_plus_ema_fwd" in vps:
         res["ratio_vs_ema_floor"] = round(vps["ssl_sphere"] / vps["backbone_plus_ema_fwd"], 3)
     if "lightly" in vps:
         res["speedup_vs_lightly"] = round(vps["ssl_sphere"] / vps["lightly"], 3)
+    if phases:
+        res["phases_s"] = phases
     res["versions"] = {k: v for k, v in versions().items() if k in ("torch", "kornia", "lightly", "torchvision")}
     say(f"\n{'pipeline':<22} {'views/s':>10} {'s/step':>8} {'steps':>6}")
     for k in vps:
@@ -589,6 +619,9 @@ def step_main(args) -> Dict:
         + (f" | vs backbone + EMA forward = {res['ratio_vs_ema_floor']:.3f}" if "ratio_vs_ema_floor" in res else "")
         + (f" | ssl_sphere / lightly = {res['speedup_vs_lightly']:.2f}x" if "speedup_vs_lightly" in res else "")
         + f" | load avg {load_avg()}")
+    if phases:
+        say("ssl_sphere step phases (median s, synchronised): "
+            + ", ".join(f"{k} {v:.4f} ({100 * v / sum(phases.values()):.1f}%)" for k, v in phases.items()))
     if args.json:
         print(json.dumps(res), flush=True)
     if args.out:
@@ -613,7 +646,7 @@ def write_record(path: str, kind: str, results: List[Dict], extras: List[Dict]) 
         json.dump(rec, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
-    say(f"# wrote {path}")
+    print(f"# wrote {path}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -630,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--data-root", default=str(DEFAULT_DATA), metavar="DIR",
                        help="CIFAR-10 image folder (default ../shared/data/cifar10 or $SSL_SPHERE_CIFAR10)")
         q.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's default)")
-        q.add_argument("--warmup", type=int, default=2, help="untimed warm-up calls per pipeline (default 2)")
+        q.add_argument("--warmup", type=int, default=2,
+                       help="untimed warm-up calls per pipeline (default: augment 2, step 1)")
 
     a = sub.add_parser("augment", help="views/s of two SimCLR views: ssl_sphere vs stock Kornia vs torchvision (lightly)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -651,6 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=32, help="image side in px (default 32)")
     s.add_argument("--sec", action="store_true", help="with the spherical embedding constraint")
     s.add_argument("--steps", type=int, default=5, help="timed steps per pipeline (default 5)")
+    s.set_defaults(warmup=1)
+    s.add_argument("--profile", action="store_true",
+                   help="also time the phases of the ssl_sphere step (index, augment, forward, backward, optimizer, "
+                        "after_step); adds a device sync per phase")
     s.add_argument("--compare-lightly", action="store_true", help="also time lightly's reference pipeline")
     s.add_argument("--workers", type=int, default=None, help="DataLoader workers for --compare-lightly (default: cpu count)")
     s.add_argument("overrides", nargs="*", metavar="key=value",

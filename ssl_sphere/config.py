@@ -41,6 +41,7 @@ class DataConfig:
     root: Optional[str] = None  # dataset directory (required for imagefolder)
     download: bool = False  # torchvision datasets only; needs internet
     image_size: Optional[int] = None  # None: the dataset's native size (digits: 32)
+    train_limit: Optional[int] = None  # pretrain on a stratified subset of this many train images (quick studies)
     decode_workers: int = 0  # processes that decode image folders; 0 = all cores
     on_device: str = "auto"  # keep the uint8 dataset on the training device: auto|yes|no
     mean: Optional[List[float]] = None  # normalisation statistics; None: dataset's

@@ -254,6 +254,14 @@ def load_data(dcfg) -> DataSplits:
                 f"data.image_size={dcfg.image_size} but {name} images are {ds.train.images.shape[-1]}px; "
                 "leave data.image_size unset for torchvision datasets"
             )
+    if dcfg.train_limit is not None and dcfg.train_limit < len(ds.train):
+        from .evaluation import stratified_subset
+
+        keep = stratified_subset(ds.train.labels, dcfg.train_limit, seed=0)
+        same = ds.bank is ds.train
+        ds.train = Split(ds.train.images[keep], ds.train.labels[keep])
+        if same:  # the kNN bank stays the pretraining images
+            ds.bank = ds.train
     if dcfg.mean is not None:
         ds.mean = tuple(dcfg.mean)
     if dcfg.std is not None:

@@ -50,6 +50,13 @@ class RunLogger:
         if self.active:
             self.writer.add_histogram(tag, values.detach().float().cpu(), step)
 
+    def projector(self, features: torch.Tensor, labels, images: torch.Tensor, step: int) -> None:
+        """TensorBoard embedding-projector snapshot: features (N, F), class names (N,),
+        thumbnails (N, 3, H, W) uint8."""
+        if self.active:
+            self.writer.add_embedding(features.float().cpu(), metadata=list(labels),
+                                      label_img=images.float().div(255).cpu(), global_step=step, tag="test_features")
+
     def close(self) -> None:
         if self.active:
             self.writer.close()

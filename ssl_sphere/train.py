@@ -68,6 +68,30 @@ def build_model(cfg: DictConfig, n_train: int = 0) -> Pretrainer:
     return Pretrainer(method, sec, vmf)
 
 
+def sphere_pictures(logger: RunLogger, emb: torch.Tensor, step: int, two_views: bool) -> None:
+    """Norm histogram of the raw embeddings of the last batch, and the alignment /
+    uniformity of their normalised two views (Wang & Isola 2020)."""
+    from .evaluation import alignment_uniformity
+
+    emb = emb.detach().float()
+    logger.histogram("embeddings/norm", emb.norm(dim=1), step)
+    if two_views:
+        z1, z2 = emb.chunk(2)
+        logger.log(step, alignment_uniformity(z1, z2), "sphere")
+
+
+def projector_snapshot(logger: RunLogger, method: Method, splits: DataSplits, transform, device, step: int,
+                       n: int = 300) -> None:
+    """TensorBoard projector: backbone features of n stratified test images, labels, thumbnails."""
+    from .evaluation import extract_features, stratified_subset
+
+    idx = stratified_subset(splits.test.labels, n, seed=0)
+    images = splits.test.images[idx]
+    feats = extract_features(method, images, 256, device, transform)
+    names = [splits.classes[int(y)] if y >= 0 else "?" for y in splits.test.labels[idx]]
+    logger.projector(feats, names, images, step)
+
+
 class EmbedView(nn.Module):
     """Presents a method's loss-space embedding (``embed``) as ``features`` for extract_features."""
 
@@ -155,8 +179,9 @@ def choose_run_dir(cfg: DictConfig) -> tuple[str, Optional[str]]:
     return d, None
 
 
-def train(cfg: DictConfig) -> Dict[str, float]:
-    """Pretrain as configured (cfg already resolved). Returns a summary dict."""
+def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, float]:
+    """Pretrain as configured (cfg already resolved). Returns a summary dict.
+    splits: already loaded data for cfg.data (studies reuse one decode across runs)."""
     device = resolve_device(cfg.run.device)
     dist.setup(device.type)
     if device.type == "cuda":
@@ -170,7 +195,7 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     ckpt = checkpoint.load(resume_path) if resume_path else None
 
     seed_everything(cfg.run.seed + rank)
-    splits: DataSplits = load_data(cfg.data)
+    splits = splits if splits is not None else load_data(cfg.data)
     n = len(splits.train)
     spe = steps_per_epoch(n, cfg.optim.batch_size, world)
     total = cfg.optim.epochs * spe
@@ -319,7 +344,7 @@ def train(cfg: DictConfig) -> Dict[str, float]:
             if epoch_done:
                 done_epochs = step // spe
                 if emb is not None:
-                    logger.histogram("embeddings/norm", emb.detach().float().norm(dim=1), step)
+                    sphere_pictures(logger, emb, step, two_views=cfg.method.name != "moco" or cfg.method.symmetric)
                 if monitor is not None and done_epochs % cfg.eval.every_epochs == 0:
                     evaluate(step)
                 every = cfg.run.ckpt_every_epochs
@@ -329,6 +354,8 @@ def train(cfg: DictConfig) -> Dict[str, float]:
             evaluate(step)
         if state["last_saved_step"] != step:
             save(step)
+        if main and monitor is not None:
+            projector_snapshot(logger, method, splits, aug.eval_transform, device, step)
     finally:
         if bar is not None:
             bar.close()

@@ -341,3 +341,28 @@ def test_blur_probability_byol_views():
     assert abs(_fraction(changed1) - 0.1) < 0.03
     # blurring noise lowers its pixel variance
     assert (v0.flatten(1).var(1) < ref.flatten(1).var(1)).all()
+
+
+def test_fused_color_jitter_equals_sequential_ops_in_drawn_order():
+    """color_jitter fuses each order slot into one 3x3 map; replaying its random draws,
+    applying the four reference ops one sample at a time in that sample's order must agree."""
+    from ssl_sphere import augment as A
+
+    torch.manual_seed(3)
+    x = torch.rand(16, 3, 12, 12)
+    strengths = (0.4, 0.4, 0.4, 0.1)
+    torch.manual_seed(7)
+    out = A.color_jitter(x.clone(), 0.8, strengths)
+    torch.manual_seed(7)  # replay the draws in color_jitter's order
+    b = x.shape[0]
+    on = torch.rand(b) < 0.8
+    f = [A._uniform(b, 0.6, 1.4, "cpu"), A._uniform(b, 0.6, 1.4, "cpu"), A._uniform(b, 0.6, 1.4, "cpu"),
+         A._uniform(b, -0.1, 0.1, "cpu")]
+    order = torch.argsort(torch.rand(b, 4), dim=1)
+    ops = [A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_hue]
+    for i in range(b):
+        y = x[i:i + 1].clone()
+        if on[i]:
+            for k in order[i].tolist():
+                y = ops[k](y, f[k][i:i + 1])
+        torch.testing.assert_close(out[i:i + 1], y, atol=2e-5, rtol=0)

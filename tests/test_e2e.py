@@ -33,6 +33,8 @@ def test_cli_smoke_run_writes_everything(tmp_path):
     run_dir = tmp_path / "digits_moco_sec_s0"
     assert "kNN top-1" in res.stdout and "at start ->" in res.stdout
     assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "projector_config.pbtxt").exists()  # embedding-projector snapshot of test images
+    assert (run_dir / "00003" / "test_features" / "sprite.png").exists()
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["method"]["name"] == "moco" and cfg["sec"]["enabled"] and cfg["optim"]["lr"] == pytest.approx(0.06)
     assert cfg["run"]["run_name"] == "digits_moco_sec_s0"
@@ -70,8 +72,10 @@ def test_resume_equals_uninterrupted(tmp_path, method):
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6, msg=k)
     # the training curve continues instead of restarting
     rows = [json.loads(x) for x in (b_dir / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in rows) == 7 and not any(r["loss"] == 123.0 for r in rows)
+    assert max(r["step"] for r in rows) == 7 and not any(r.get("loss") == 123.0 for r in rows)
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    sphere = [r for r in rows if r["kind"] == "sphere"]  # alignment / uniformity at the epoch end
+    assert [r["step"] for r in sphere] == [5] and sphere[0]["alignment"] >= 0 and sphere[0]["uniformity"] <= 0
 
 
 def test_resume_auto_and_no_overwrite(tmp_path):

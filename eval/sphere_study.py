@@ -1,0 +1,107 @@
+"""Hypersphere study: kNN top-1 of MoCo v2 and SimCLR with baseline / +SEC / +SEC-EMA /
++SEE / +vMF at a fixed budget, several seeds; prints a markdown table (mean ± std).
+
+    python eval/sphere_study.py --data-root ../shared/data/cifar10 --out benchmarks/results/sphere_study_cpu.json
+
+The default budget is CPU-affordable (tiny convnet, 10k-image stratified CIFAR-10
+subset, 2 epochs of batch 128 = 156 steps per run); ``--budget gpu`` is the longer
+one (ResNet-18, full CIFAR-10, 50 epochs, batch 512). Results are appended to the
+JSON file as runs finish, so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+VARIANTS = {
+    "baseline": [],
+    "+SEC": ["--sec"],
+    "+SEC-EMA": ["--sec-ema", "0.1"],
+    "+SEE": ["--see"],
+    "+vMF": ["--vmf"],
+}
+BUDGETS = {
+    "cpu": ["--backbone", "tiny", "--batch-size", "128", "--epochs", "2", "data.train_limit=10000",
+            "eval.every_epochs=2", "eval.test_size=2000", "method.queue_size=4096", "vmf.k=100"],
+    "gpu": ["--backbone", "resnet18", "--batch-size", "512", "--epochs", "50", "eval.every_epochs=10",
+            "method.queue_size=4096", "vmf.k=100"],
+}
+
+
+def table(results: list) -> str:
+    methods = sorted({r["method"] for r in results})
+    lines = ["| method | " + " | ".join(VARIANTS) + " |", "| --- |" + " --- |" * len(VARIANTS)]
+    for m in methods:
+        cells = []
+        for v in VARIANTS:
+            xs = [r["knn_top1"] for r in results if r["method"] == m and r["variant"] == v]
+            if not xs:
+                cells.append("–")
+            else:
+                sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+                cells.append(f"{statistics.mean(xs):.2f} ± {sd:.2f} (n={len(xs)})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data/cifar10", help="CIFAR-10 image folder (train/, test/)")
+    p.add_argument("--methods", nargs="+", default=["moco", "simclr"], choices=["moco", "simclr"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--budget", choices=list(BUDGETS), default="cpu")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/sphere_study.json", help="results JSON (appended; reruns skip done runs)")
+    p.add_argument("--runs-dir", default="runs/sphere_study", help="where the run directories go")
+    p.add_argument("--table-only", action="store_true", help="print the table of an existing results file")
+    args = p.parse_args(argv)
+
+    results = json.load(open(args.out)) if os.path.exists(args.out) else []
+    if args.table_only:
+        print(table(results))
+        return 0
+
+    from ssl_sphere.data import load_data
+    from ssl_sphere.pretrain import build_config
+    from ssl_sphere.train import train
+
+    common = ["--dataset", "imagefolder", "--data-root", args.data_root, "--device", args.device,
+              "run.progress=false", *BUDGETS[args.budget]]
+    splits = None
+    for seed in args.seeds:
+        for m in args.methods:
+            for v in args.variants:
+                if any(r["method"] == m and r["variant"] == v and r["seed"] == seed and r["budget"] == args.budget
+                       for r in results):
+                    continue
+                name = f"{args.budget}_{m}_{v.strip('+').lower()}_s{seed}"
+                argv_run = ["--method", m, *VARIANTS[v], "--seed", str(seed), "--output-dir", args.runs_dir,
+                            "--run-name", name, *common]
+                cfg = build_config(argv_run)
+                if splits is None:
+                    splits = load_data(cfg.data)  # decoded once for the whole study
+                t0 = time.time()
+                s = train(cfg, splits)
+                results.append({"method": m, "variant": v, "seed": seed, "budget": args.budget,
+                                "knn_top1": s["knn_top1"], "knn_top5": s["knn_top5"], "steps": s["step"],
+                                "seconds": round(time.time() - t0, 1),
+                                "command": "python -m ssl_sphere.pretrain " + " ".join(argv_run)})
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=1)
+                print(f"[study] {m} {v} seed {seed}: kNN top-1 {s['knn_top1']:.2f}% ({time.time() - t0:.0f}s)",
+                      flush=True)
+    print(table([r for r in results if r["budget"] == args.budget]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
