@@ -61,7 +61,7 @@ class SEC(nn.Module):
     def forward(self, z: torch.Tensor, progress: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """z: (B, D) raw embeddings. Returns (eta * L_sec, logs)."""
         norms = z.detach().float().norm(dim=1)
-        total = dist.all_reduce_sum(torch.stack([norms.sum(), torch.tensor(float(norms.numel()), device=z.device)]))
+        total = dist.all_reduce_sum(torch.stack([norms.sum(), norms.new_full((), float(norms.numel()))]))
         batch_mean = total[0] / total[1]
         if self.training:
             # first step: no history to average with, so mu starts at the batch mean

@@ -20,6 +20,7 @@ from .augment import Augmenter
 from .backbones import build_backbone
 from .config import ConfigError, to_container
 from .data import DataSplits, epoch_batches, load_data, steps_per_epoch
+from .evaluation import alignment_uniformity, extract_features, stratified_subset
 from .methods import Method, build_method
 from .monitor import KnnMonitor, RunLogger
 from .sphere import SEC, VMF, norm_stats
@@ -30,8 +31,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Pretrainer(nn.Module):
-    """A method plus the optional SEC regulariser: one module, one state_dict
-    (weights, EMA copies, queue and SEC's running mean together)."""
+    """A method plus the optional SEC and vMF regularisers: one module, one state_dict
+    (weights, EMA copies, queue, SEC's running mean, vMF means/pseudo-labels together)."""
 
     def __init__(self, method: Method, sec: Optional[SEC], vmf: Optional[VMF] = None):
         super().__init__()
@@ -71,8 +72,6 @@ def build_model(cfg: DictConfig, n_train: int = 0) -> Pretrainer:
 def sphere_pictures(logger: RunLogger, emb: torch.Tensor, step: int, two_views: bool) -> None:
     """Norm histogram of the raw embeddings of the last batch, and the alignment /
     uniformity of their normalised two views (Wang & Isola 2020)."""
-    from .evaluation import alignment_uniformity
-
     emb = emb.detach().float()
     logger.histogram("embeddings/norm", emb.norm(dim=1), step)
     if two_views:
@@ -83,8 +82,6 @@ def sphere_pictures(logger: RunLogger, emb: torch.Tensor, step: int, two_views: 
 def projector_snapshot(logger: RunLogger, method: Method, splits: DataSplits, transform, device, step: int,
                        n: int = 300) -> None:
     """TensorBoard projector: backbone features of n stratified test images, labels, thumbnails."""
-    from .evaluation import extract_features, stratified_subset
-
     idx = stratified_subset(splits.test.labels, n, seed=0)
     images = splits.test.images[idx]
     feats = extract_features(method, images, 256, device, transform)
@@ -108,8 +105,6 @@ def refresh_vmf(model: Pretrainer, images: torch.Tensor, transform, cfg: DictCon
     """vMF "global structure learning": embed the whole training set with the momentum
     (or eval-mode) encoder, eval transform only, sharded over ranks, then spherical
     k-means -> mean directions + pseudo-labels (identical on every rank: same inputs, same seed)."""
-    from .evaluation import extract_features
-
     r, w = dist.rank(), dist.world_size()
     emb = extract_features(EmbedView(model.method), images[r::w], cfg.eval.batch_size, device, transform)
     model.vmf.refresh(dist.gather_sharded(emb, images.shape[0]), seed)
@@ -312,14 +307,14 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, flo
                 lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                x = images[idx.to(images.device)] if on_device else images[idx]
-                x = x.to(device, non_blocking=True)
+                idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
+                x = images[idx_dev] if on_device else images[idx].to(device, non_blocking=True)
                 v1, v2 = aug.views(x)
                 if cfg.model.channels_last:
                     v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, method_loss, logs, emb = ddp(v1, v2, progress, idx.to(device))
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device), first_bad)
+                    loss, method_loss, logs, emb = ddp(v1, v2, progress, idx_dev)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)  # no host sync
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
