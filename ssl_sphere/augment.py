@@ -10,10 +10,17 @@ SimCLR (Chen et al. 2020, Appendix A) and BYOL (Grill et al. 2020, Table 6):
   blends and hue as a per-sample rotation in YIQ space, applied in an
   independent random order per sample. DEVIATION: torchvision shifts hue in
   HSV; the YIQ rotation is the standard linear approximation (error bounded
-  in tests/test_augment.py) and avoids the HSV round trip that makes stock
-  Kornia's ColorJitter slow on CPU (DESIGN.md, "Performance principles");
-* random grayscale (p=0.2), Gaussian blur via Kornia with per-sample sigma,
-  solarisation (BYOL) and normalisation with the dataset statistics.
+  in tests/test_augment.py); being linear, it joins the other three ops in
+  one 3x3 map per order slot instead of an HSV round trip with per-pixel
+  branches;
+* random grayscale (p=0.2), Gaussian blur (kornia's kernel, per-sample sigma, as
+  two batched matmuls), solarisation (BYOL) and normalisation with the dataset
+  statistics; grayscale and normalisation are one fused 3x3 map at the end.
+
+Both views of a step are drawn as one 2B batch (``Augmenter.views``), so each op
+is one kernel launch per step. Performance notes (DESIGN.md, "Performance
+principles") sit next to each trick; tests/test_augment.py checks every fused
+piece against the op-by-op reference in torchvision's order.
 
 All randomness comes from the global torch RNG of the device, which the
 checkpoint saves, so resumed runs draw the same parameters.
@@ -21,17 +28,35 @@ checkpoint saves, so resumed runs draw the same parameters.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from kornia.filters import gaussian_blur2d
+from kornia.filters import get_gaussian_kernel1d
 from torch import nn
 
 # luma weights of torchvision's rgb_to_grayscale (ITU-R 601 with 0.2989 for red)
 _LUMA = (0.2989, 0.587, 0.114)
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+class _Colour(NamedTuple):
+    luma: torch.Tensor  # (3,)
+    rgb2yiq: torch.Tensor  # (3, 3)
+    yiq2rgb: torch.Tensor  # (3, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _colour(device: torch.device, dtype: torch.dtype) -> _Colour:
+    """The colour constants on ``device``, built once per (device, dtype) and never written to.
+    Cached because torch.tensor(..., device="cuda") is a blocking host->device copy and
+    torch.linalg.inv on CUDA checks its result on the host: per step, either would stall
+    the CPU behind the GPU queue."""
+    t = torch.tensor(_RGB2YIQ, dtype=torch.float64)
+    return _Colour(torch.tensor(_LUMA, dtype=dtype, device=device), t.to(device, dtype),
+                   torch.linalg.inv(t).to(device, dtype))
 
 
 def _uniform(shape, lo: float, hi: float, device) -> torch.Tensor:
@@ -91,14 +116,14 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 def hue_matrices(h: torch.Tensor) -> torch.Tensor:
     """(B,) hue shifts in turns ([-0.5, 0.5]) -> (B, 3, 3) RGB->RGB rotations about the grey axis in YIQ."""
-    t = _RGB2YIQ.to(h.device, h.dtype)
+    c = _colour(h.device, h.dtype)
     a = -2 * math.pi * h  # sign: positive h turns red towards yellow, as torchvision's HSV shift
     cos, sin = torch.cos(a), torch.sin(a)
     rot = torch.zeros(h.shape[0], 3, 3, device=h.device, dtype=h.dtype)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2] = cos, -sin
     rot[:, 2, 1], rot[:, 2, 2] = sin, cos
-    return torch.linalg.inv(t) @ rot @ t
+    return c.yiq2rgb @ rot @ c.rgb2yiq
 
 
 def adjust_hue(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -121,8 +146,12 @@ def adjust_saturation(x, f):
     return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
 
 
-def color_jitter(x: torch.Tensor, p: float, strengths: Sequence[float]) -> torch.Tensor:
-    """torchvision ColorJitter(b, c, s, h) applied with probability p per sample, the
+def color_jitter_(x: torch.Tensor, p: float, strengths: Sequence[float],
+                  scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x: (B, 3, H, W) in [0, 1], jittered IN PLACE and returned; scratch: optional
+    contiguous workspace with x's number of elements (allocated if None).
+
+    torchvision ColorJitter(b, c, s, h) applied with probability p per sample, the
     four ops in a random order per sample, clamped after each op as torchvision does.
 
     Every op is a per-sample affine map of the RGB vector (brightness f*I, contrast
@@ -139,7 +168,7 @@ def color_jitter(x: torch.Tensor, p: float, strengths: Sequence[float]) -> torch
     fs = torch.where(on, _uniform(b, max(0.0, 1 - sat), 1 + sat, dev), one)
     fh = torch.where(on, _uniform(b, -hue, hue, dev), one * 0)
     order = torch.argsort(torch.rand(b, 4, device=dev), dim=1)  # per-sample permutation of the 4 ops
-    luma = torch.tensor(_LUMA, device=dev, dtype=dt)
+    luma = _colour(dev, dt).luma
     eye = torch.eye(3, device=dev, dtype=dt).expand(b, 3, 3)
     mats = torch.stack([
         fb.view(-1, 1, 1) * eye,
@@ -147,30 +176,71 @@ def color_jitter(x: torch.Tensor, p: float, strengths: Sequence[float]) -> torch
         fs.view(-1, 1, 1) * eye + (1 - fs).view(-1, 1, 1) * luma.view(1, 1, 3),
         hue_matrices(fh),
     ], 1)  # (B, 4, 3, 3)
-    y = x.reshape(b, 3, h * w)
-    rows = torch.arange(b, device=dev)
+    slots = mats.gather(1, order.view(b, 4, 1, 1).expand(b, 4, 3, 3))  # (B, 4, 3, 3) in drawn order
+    con_off = torch.where(order == 1, (1 - fc).view(-1, 1), torch.zeros_like(fc).view(-1, 1))  # (B, 4)
+    # the 4 slots ping-pong between x and one scratch buffer and end in x: on CPU every
+    # fresh multi-MB tensor costs page faults (glibc hands large blocks back to the OS),
+    # which measured more than the arithmetic itself
+    buf = [x.view(b, 3, h * w), (torch.empty_like(x) if scratch is None else scratch).view(b, 3, h * w)]
     for slot in range(4):
-        k = order[:, slot]
-        grey_mean = y.mean(2) @ luma  # (B,) of the current image (contrast's blend target)
-        off = torch.where(k == 1, (1 - fc) * grey_mean, torch.zeros_like(grey_mean))
-        y = torch.baddbmm(off.view(-1, 1, 1).expand(b, 3, 1), mats[rows, k], y).clamp_(0, 1)
-    return y.view(b, c, h, w)
+        src, dst = buf[slot % 2], buf[1 - slot % 2]
+        # contrast blends towards the grey mean of the CURRENT image, so it is read per slot
+        off = con_off[:, slot] * (src.mean(2) @ luma)  # (B,)
+        torch.baddbmm(off.view(-1, 1, 1).expand(b, 3, 1), slots[:, slot], src, out=dst).clamp_(0, 1)
+    return x
 
 
-def blur(x: torch.Tensor, p: float, sigma: Sequence[float]) -> torch.Tensor:
-    """Gaussian blur with probability p, sigma ~ U(sigma) per sample; kernel ~10% of
-    the image side, odd (SimCLR Appendix A)."""
-    b, dev = x.shape[0], x.device
-    k = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)
-    s = _uniform(b, sigma[0], sigma[1], dev)
-    y = gaussian_blur2d(x, (k, k), torch.stack([s, s], 1), border_type="reflect")
-    on = (torch.rand(b, device=dev) < p).view(-1, 1, 1, 1)
-    return torch.where(on, y, x)
+def blur_matrices(sigma: torch.Tensor, size: int, k: int) -> torch.Tensor:
+    """sigma: (B,) -> (B, size, size) matrices M with (M @ v) = v convolved with the
+    normalised k-tap Gaussian of kornia's get_gaussian_kernel1d, reflect border ("dcb|abcd|cba",
+    torch/kornia's "reflect"), i.e. row i of M holds the taps at the reflected positions."""
+    b, r = sigma.shape[0], k // 2
+    if r > size - 1:
+        raise ValueError(f"blur kernel {k} needs an image side of at least {r + 1}, got {size}")
+    w = get_gaussian_kernel1d(k, sigma.view(-1, 1))  # (B, k)
+    pos = (torch.arange(size, device=sigma.device).view(-1, 1) + torch.arange(k, device=sigma.device) - r).abs()
+    pos = torch.where(pos > size - 1, 2 * (size - 1) - pos, pos)  # (size, k) reflected source columns
+    m = torch.zeros(b, size, size, device=sigma.device, dtype=sigma.dtype)
+    return m.scatter_add_(2, pos.expand(b, size, k), w.view(b, 1, k).expand(b, size, k))
 
 
-def solarize(x: torch.Tensor, p: float, threshold: float = 0.5) -> torch.Tensor:
-    on = (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
+def blur(x: torch.Tensor, p, sigma: Sequence[float]) -> torch.Tensor:
+    """x: (B, C, H, W). Gaussian blur with probability p (float or (B,) per sample),
+    sigma ~ U(sigma) per sample; kernel ~10% of the image side, odd (SimCLR Appendix A),
+    reflect border; equals kornia's gaussian_blur2d(x, (k, k), (sigma, sigma), "reflect").
+
+    Written as two batched matmuls with per-sample (side x side) blur matrices (identity
+    for samples not blurred) instead of kornia's grouped convolution: with a different
+    kernel per sample, kornia's conv has B*C groups of tiny work, which oneDNN runs at
+    ~1.5 GMAC/s on CPU; the dense matmuls do ~S/k times the arithmetic and still measured
+    1.5-2x faster (96 px: 94 vs 181 ms, 224 px: 174 vs 254 ms for 1536/384 planes), and
+    need no separate torch.where pass for the samples left sharp."""
+    b, c, h, w = x.shape
+    dev, dt = x.device, x.dtype
+    k = max(3, int(0.1 * w) // 2 * 2 + 1)
+    s = _uniform(b, sigma[0], sigma[1], dev).to(dt)
+    on = (torch.rand(b, device=dev) < p).view(-1, 1, 1)
+
+    def mats(size):
+        return torch.where(on, blur_matrices(s, size, k), torch.eye(size, device=dev, dtype=dt))
+
+    mw = mats(w)
+    mh = mw if h == w else mats(h)
+    rows = torch.bmm(x.reshape(b, c * h, w), mw.transpose(1, 2)).view(b, c, h, w)  # along W
+    return torch.matmul(mh.unsqueeze(1), rows)  # along H
+
+
+def solarize(x: torch.Tensor, p, threshold: float = 0.5) -> torch.Tensor:
+    """x: (B, ...) in [0, 1]; p: float or (B,) per-sample probability. torchvision's solarize
+    (pixels >= threshold inverted)."""
+    on = (torch.rand(x.shape[0], device=x.device) < p).view(-1, *[1] * (x.dim() - 1))
     return torch.where(on & (x >= threshold), 1.0 - x, x)
+
+
+def _check_uint8(x: torch.Tensor) -> None:
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        raise TypeError(f"Augmenter expects (B, 3, H, W) uint8 images in [0, 255], got {tuple(x.shape)} {x.dtype}; "
+                        "convert with (x * 255).round().to(torch.uint8) or keep the dataset in uint8")
 
 
 class Augmenter(nn.Module):
@@ -188,31 +258,75 @@ class Augmenter(nn.Module):
         return (x - self.mean) / self.std
 
     @torch.no_grad()
+    def augment(self, x: torch.Tensor, indices: Sequence[int] = (0, 1)) -> torch.Tensor:
+        """x: (B, 3, H, W) uint8 -> (len(indices) * B, 3, size, size) normalised float: view
+        ``indices[i]`` of every image in rows [i * B, (i + 1) * B).
+
+        All views go through each op as ONE batch (2B rows for a view pair), so every op
+        is one kernel launch per step instead of one per view; the views differ only in
+        their per-view blur/solarise probabilities, which become per-row probabilities."""
+        _check_uint8(x)
+        a = self.aug
+        b, _, height, width = x.shape
+        n = len(indices)
+        dev = x.device
+        xf = (x.repeat(n, 1, 1, 1) if n > 1 else x).float().div_(255)  # (N, 3, H, W), N = n * B
+        rows = xf.shape[0]
+        crops = sample_crops(rows, height, width, a.crop_scale, a.crop_ratio, dev)
+        flip = torch.rand(rows, device=dev) < a.hflip_p
+        y = crop_resize_flip(xf, crops, flip, self.size).clamp_(0, 1)
+        # xf is dead from here on: reuse it as the workspace when it has the view's size
+        # (two multi-MB allocations per call instead of seven; see color_jitter_)
+        spare = xf if xf.numel() == y.numel() else torch.empty_like(y)
+        if a.jitter_p > 0:
+            color_jitter_(y, a.jitter_p, (a.brightness, a.contrast, a.saturation, a.hue), scratch=spare)
+        # torchvision's order is grayscale -> blur -> solarise -> normalise. Grayscale is a
+        # per-pixel channel mix and the blur filters every channel with the same kernel, so
+        # the two commute exactly: blur first, then grayscale and normalisation fold into
+        # ONE per-sample 3x3 map + offset (one pass instead of three) unless solarisation,
+        # which is not linear, has to sit between them.
+        blur_p = [a.blur_p[i] for i in indices]
+        if max(blur_p) > 0:
+            y = self._per_view(y, b, blur_p, lambda t, p: blur(t, p, a.blur_sigma))
+        grey = torch.rand(rows, device=dev) < a.grayscale_p
+        luma = _colour(dev, y.dtype).luma
+        eye = torch.eye(3, device=dev, dtype=y.dtype)
+        mix = torch.where(grey.view(-1, 1, 1), luma.expand(3, 3), eye)  # (N, 3, 3): rows of luma or identity
+        inv_std = 1 / self.std.view(1, 3, 1)
+        shift = (-self.mean / self.std).view(1, 3, 1).expand(rows, 3, 1)
+        solar_p = [a.solarize_p[i] for i in indices]
+        flat, out = y.reshape(rows, 3, -1), spare.view(rows, 3, -1)
+        if max(solar_p) > 0:
+            torch.bmm(mix, flat, out=out)
+            out = self._per_view(out, b, solar_p, solarize).mul_(inv_std).add_(shift)
+        else:
+            torch.baddbmm(shift, inv_std * mix, flat, out=out)
+        return out.view(rows, 3, self.size, self.size)
+
+    @staticmethod
+    def _per_view(y: torch.Tensor, b: int, probs: Sequence[float], op) -> torch.Tensor:
+        """Apply ``op(rows, p)`` with per-row probability ``p`` (one value per view block of
+        ``b`` rows) to the smallest contiguous range of view blocks with p > 0 (static
+        slicing: no host sync)."""
+        on = [i for i, p in enumerate(probs) if p > 0]
+        lo, hi = on[0] * b, (on[-1] + 1) * b
+        p = torch.cat([torch.full((b,), float(q), device=y.device, dtype=y.dtype) for q in probs[on[0]:on[-1] + 1]])
+        y[lo:hi] = op(y[lo:hi], p)
+        return y
+
     def view(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """x: (B, 3, H, W) uint8 -> (B, 3, size, size) normalised float view ``index`` (0 or 1)."""
-        a = self.aug
-        xf = x.float().div_(255)
-        b, _, height, width = xf.shape
-        crops = sample_crops(b, height, width, a.crop_scale, a.crop_ratio, x.device)
-        flip = torch.rand(b, device=x.device) < a.hflip_p
-        y = crop_resize_flip(xf, crops, flip, self.size).clamp_(0, 1)
-        if a.jitter_p > 0:
-            y = color_jitter(y, a.jitter_p, (a.brightness, a.contrast, a.saturation, a.hue))
-        if a.grayscale_p > 0:
-            on = (torch.rand(b, device=x.device) < a.grayscale_p).view(-1, 1, 1, 1)
-            y = torch.where(on, grayscale(y).expand_as(y), y)
-        if a.blur_p[index] > 0:
-            y = blur(y, a.blur_p[index], a.blur_sigma)
-        if a.solarize_p[index] > 0:
-            y = solarize(y, a.solarize_p[index])
-        return self.normalize(y)
+        return self.augment(x, (index,))
 
     def views(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.view(x, 0), self.view(x, 1)
+        """Both training views of x (B, 3, H, W) uint8, drawn in one batched pass."""
+        both = self.augment(x, (0, 1))
+        return both[: x.shape[0]], both[x.shape[0]:]
 
     @torch.no_grad()
     def eval_transform(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) uint8 -> normalised float, resized to ``size`` if needed; no augmentation."""
+        _check_uint8(x)
         y = x.float().div_(255)
         if y.shape[-1] != self.size or y.shape[-2] != self.size:
             y = F.interpolate(y, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)

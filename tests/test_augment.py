@@ -283,9 +283,9 @@ def test_adjust_hue_shifts_hsv_hue_by_h(h):
 def test_color_jitter_per_sample_brightness_and_off():
     x = 0.05 + 0.4 * _smooth(32, 8, 3, seed=17)  # <= 0.45: no clamping for factors <= 1.4
     torch.manual_seed(0)
-    assert torch.allclose(A.color_jitter(x.clone(), 0.0, (0.4, 0.4, 0.4, 0.1)), x, atol=1e-5)
+    assert torch.allclose(A.color_jitter_(x.clone(), 0.0, (0.4, 0.4, 0.4, 0.1)), x, atol=1e-5)
     torch.manual_seed(0)
-    y = A.color_jitter(x.clone(), 1.0, (0.4, 0.0, 0.0, 0.0))
+    y = A.color_jitter_(x.clone(), 1.0, (0.4, 0.0, 0.0, 0.0))
     ratio = (y / x).flatten(1)
     f = ratio.mean(1)
     assert torch.allclose(ratio, f[:, None].expand_as(ratio), atol=1e-4)  # one factor per image
@@ -352,7 +352,7 @@ def test_fused_color_jitter_equals_sequential_ops_in_drawn_order():
     x = torch.rand(16, 3, 12, 12)
     strengths = (0.4, 0.4, 0.4, 0.1)
     torch.manual_seed(7)
-    out = A.color_jitter(x.clone(), 0.8, strengths)
+    out = A.color_jitter_(x.clone(), 0.8, strengths)
     torch.manual_seed(7)  # replay the draws in color_jitter's order
     b = x.shape[0]
     on = torch.rand(b) < 0.8
@@ -366,3 +366,82 @@ def test_fused_color_jitter_equals_sequential_ops_in_drawn_order():
             for k in order[i].tolist():
                 y = ops[k](y, f[k][i:i + 1])
         torch.testing.assert_close(out[i:i + 1], y, atol=2e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- blur vs torchvision / kornia
+
+
+@pytest.mark.parametrize("h,w,sigma", [(32, 32, 0.7), (40, 24, 1.5), (96, 96, 2.0)])
+def test_blur_matches_torchvision_gaussian_blur(h, w, sigma):
+    """A fixed sigma (degenerate range) with p=1 must equal torchvision's gaussian_blur
+    (reflect border) with the same odd ~10% kernel, image by image."""
+    x = torch.rand(3, 3, h, w, generator=torch.Generator().manual_seed(21))
+    k = max(3, int(0.1 * w) // 2 * 2 + 1)
+    out = A.blur(x, 1.0, (sigma, sigma))
+    for i in range(3):
+        ref = TF.gaussian_blur(x[i], [k, k], [sigma, sigma])
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+
+
+def test_blur_per_sample_sigma_and_p_match_kornia():
+    """Replaying blur's draws (sigma, then the on/off coin): samples on equal kornia's
+    gaussian_blur2d with their own sigma, samples off are returned unchanged."""
+    from kornia.filters import gaussian_blur2d
+
+    x = torch.rand(12, 3, 48, 48, generator=torch.Generator().manual_seed(22))
+    torch.manual_seed(5)
+    out = A.blur(x, 0.5, (0.1, 2.0))
+    torch.manual_seed(5)
+    s = A._uniform(12, 0.1, 2.0, "cpu")
+    on = torch.rand(12) < 0.5
+    assert 0 < on.sum() < 12
+    ref = gaussian_blur2d(x, (5, 5), torch.stack([s, s], 1), border_type="reflect")
+    torch.testing.assert_close(out[on], ref[on], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[~on], x[~on], atol=1e-6, rtol=0)
+
+
+def test_blur_matrices_rows_sum_to_one_and_reflect():
+    m = A.blur_matrices(torch.tensor([1.0, 0.3]), 10, 5)
+    torch.testing.assert_close(m.sum(2), torch.ones(2, 10))
+    # row 0 of a 5-tap reflect filter reads columns 2,1,0,1,2: column 0 once, 1 and 2 twice
+    w = A.get_gaussian_kernel1d(5, torch.tensor([[1.0]]))[0]
+    torch.testing.assert_close(m[0, 0, :3], torch.stack([w[2], w[1] + w[3], w[0] + w[4]]))
+    with pytest.raises(ValueError, match="kernel"):
+        A.blur_matrices(torch.tensor([1.0]), 2, 5)
+
+
+def test_views_equal_torchvision_order_reference():
+    """Augmenter.views blurs before grayscale and folds grayscale + normalisation into one
+    3x3 map. Replaying its draws, the ops applied one by one in torchvision's order
+    (crop/flip -> jitter -> grayscale -> blur -> solarise -> normalise, kornia's blur) must
+    give the same views. BYOL config: every op on, blur and solarise per view."""
+    from kornia.filters import gaussian_blur2d
+
+    cfg = _cfg(method="byol")
+    a = cfg.aug
+    b, size = 16, 40
+    aug = Augmenter(a, size, MEAN, STD)
+    x = _images(b, 48, seed=23)
+    torch.manual_seed(11)
+    v1, v2 = aug.views(x)
+
+    torch.manual_seed(11)  # replay, in augment()'s draw order
+    n = 2 * b
+    xf = x.repeat(2, 1, 1, 1).float() / 255
+    crops = A.sample_crops(n, 48, 48, a.crop_scale, a.crop_ratio, "cpu")
+    flip = torch.rand(n) < a.hflip_p
+    y = A.crop_resize_flip(xf, crops, flip, size).clamp(0, 1)
+    y = A.color_jitter_(y, a.jitter_p, (a.brightness, a.contrast, a.saturation, a.hue))
+    sigma = A._uniform(n, a.blur_sigma[0], a.blur_sigma[1], "cpu")
+    blur_on = torch.rand(n) < torch.tensor([a.blur_p[0]] * b + [a.blur_p[1]] * b)
+    grey = torch.rand(n) < a.grayscale_p
+    solar_on = torch.rand(b) < a.solarize_p[1]
+    assert grey.any() and (~grey).any() and blur_on.any() and (~blur_on).any() and solar_on.any()
+
+    y = torch.where(grey.view(-1, 1, 1, 1), A.grayscale(y).expand_as(y), y)
+    k = max(3, int(0.1 * size) // 2 * 2 + 1)
+    blurred = gaussian_blur2d(y, (k, k), torch.stack([sigma, sigma], 1), border_type="reflect")
+    y = torch.where(blur_on.view(-1, 1, 1, 1), blurred, y)
+    y[b:] = torch.where(solar_on.view(-1, 1, 1, 1) & (y[b:] >= 0.5), 1 - y[b:], y[b:])
+    ref = (y - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(torch.cat([v1, v2]), ref, atol=2e-5, rtol=0)
