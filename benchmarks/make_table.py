@@ -106,7 +106,9 @@ def machine_lines(recs) -> str:
 
 
 def commands(recs) -> str:
-    return "\n".join(f"    {rec['command']}" for rec in recs)
+    """Each record's command, prefixed by the tuning environment variables it ran with."""
+    env = lambda rec: "".join(f"{k}={v} " for k, v in rec.get("env", {}).items())  # noqa: E731
+    return "\n".join(f"    {env(rec)}{rec['command']}" for rec in recs)
 
 
 def render(prefix: str = "cpu_") -> str:

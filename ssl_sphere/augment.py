@@ -311,6 +311,8 @@ class Augmenter(nn.Module):
         on = [i for i, p in enumerate(probs) if p > 0]
         lo, hi = on[0] * b, (on[-1] + 1) * b
         p = torch.cat([torch.full((b,), float(q), device=y.device, dtype=y.dtype) for q in probs[on[0]:on[-1] + 1]])
+        if hi - lo == y.shape[0]:
+            return op(y, p)
         y[lo:hi] = op(y[lo:hi], p)
         return y
 

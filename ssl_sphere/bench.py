@@ -15,8 +15,8 @@ conversion is inside the timed region for the two batched pipelines; PIL images 
 JPEG decoding is timed for anyone).
 
 ``step`` times the full ssl_sphere training step -- uint8 batch indexing -> Augmenter.views -> Pretrainer
-forward (method + SEC) -> backward -> optimiser step -> after_step, built from train.py's functions and in
-train.py's order -- against a backbone-only step (same backbone architecture, forward/backward of the same two
+forward (method + SEC) -> backward -> optimiser step -> after_step, i.e. ``train.TrainStep``, the object the
+training loop calls -- against a backbone-only step (same backbone architecture, forward/backward of the same two
 view batches with ``sum`` of the features as the loss, same optimiser type and parameter groups). MoCo and BYOL
 also run a forward of an EMA copy of the backbone on both views; that floor is reported as
 ``backbone_plus_ema_fwd``. ``--compare-lightly`` adds lightly's reference pipeline (per-sample transforms in a
@@ -341,33 +341,28 @@ def step_config(args):
 
 
 class PipelineStep:
-    """One training step of train.py's loop, built from its functions (build_model,
-    build_optimizer, lr_at, Augmenter, Pretrainer) in the loop's order."""
+    """The training loop's own step (``train.TrainStep``) on the loop's objects (build_model,
+    build_optimizer, place_images, Augmenter), fed with the loop's batch order."""
 
     def __init__(self, cfg, images: torch.Tensor, mean, std, device: torch.device, total: int):
         from .augment import Augmenter
         from .data import epoch_batches
-        from .train import build_model, build_optimizer
+        from .train import TrainStep, build_model, build_optimizer, place_images
 
-        self.cfg, self.device, self.total = cfg, device, total
+        self.cfg, self.device = cfg, device
         self.n = images.shape[0]
-        self.on_device = cfg.data.on_device == "yes" or (
-            cfg.data.on_device == "auto" and device.type == "cuda" and images.numel() < 4 * 2**30)
-        self.images = images.to(device) if self.on_device else images
-        if not self.on_device and device.type == "cuda":
-            self.images = self.images.pin_memory()
+        placed, on_device = place_images(images, cfg, device)
         self.aug = Augmenter(cfg.aug, cfg.data.image_size, mean, std).to(device)
         self.model = build_model(cfg, self.n).to(device)
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.method = self.model.method
         if cfg.model.compile:
-            self.method.backbone.compile()
-        self.use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+            self.model.method.backbone.compile()
         self.spe = max(1, self.n // cfg.optim.batch_size)
-        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.spe))
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        warmup = int(round(cfg.optim.warmup_epochs * self.spe))
+        self.step = TrainStep(self.model, self.model.method, self.optimizer, self.aug, placed, on_device, cfg,
+                              total, warmup, device)
         self.step_i = 0
         self._epoch_batches = epoch_batches
         self._batches = iter(())
@@ -388,49 +383,22 @@ class PipelineStep:
 
     def _mark(self, name: str) -> None:
         """--profile: wall time of each phase of the step (device synchronised)."""
-        if self.phases is not None:
-            sync(self.device)
-            now = time.perf_counter()
-            self.phases.setdefault(name, []).append(now - self._t)
-            self._t = now
+        sync(self.device)
+        now = time.perf_counter()
+        self.phases.setdefault(name, []).append(now - self._t)
+        self._t = now
 
     def __call__(self) -> None:
-        from .train import lr_at
-
-        cfg, device, optimizer, step = self.cfg, self.device, self.optimizer, self.step_i
         if self.phases is not None:
-            sync(device)
+            sync(self.device)
             self._t = time.perf_counter()
-        idx = self.next_indices()
-        progress = step / self.total
-        lr = lr_at(step, self.total, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        x = self.images[idx.to(self.images.device)] if self.on_device else self.images[idx]
-        x = x.to(device, non_blocking=True)
-        self._mark("batch_index")
-        v1, v2 = self.aug.views(x)
-        if cfg.model.channels_last:
-            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
-        self._mark("augment")
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            loss, method_loss, logs, emb = self.model(v1, v2, progress, idx.to(device))
-        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), torch.tensor(step, device=device),
-                                     self.first_bad)
-        self._mark("forward")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._mark("backward")
-        optimizer.step()
-        self._mark("optimizer")
-        self.method.after_step((step + 1) / self.total)
-        self._mark("after_step")
+        self.last_loss = self.step(self.step_i, self.next_indices(), self._mark if self.phases is not None else None)[0]
         self.step_i += 1
-        self.last_loss = loss
 
     def views(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """One pair of views of a batch, as the step makes them."""
-        x = self.images[self.next_indices().to(self.images.device)].to(self.device)
+        idx = self.next_indices()
+        x = self.step.images[idx.to(self.step.images.device)].to(self.device)
         v1, v2 = self.aug.views(x)
         if self.cfg.model.channels_last:
             v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
@@ -444,7 +412,7 @@ class BackboneStep:
 
     def __init__(self, cfg, views: Tuple[torch.Tensor, torch.Tensor], device: torch.device, ema_forward: bool):
         from .backbones import build_backbone
-        from .train import build_optimizer
+        from .train import bf16_enabled, build_optimizer
 
         backbone, _ = build_backbone(cfg.model.backbone, cfg.model.small_images)
         self.backbone = backbone.to(device)
@@ -453,7 +421,7 @@ class BackboneStep:
         self.target = copy.deepcopy(self.backbone).requires_grad_(False) if ema_forward else None
         self.optimizer = build_optimizer(self.backbone, cfg.optim)
         self.views, self.device = views, device
-        self.use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+        self.use_bf16 = bf16_enabled(cfg, device)
         self.backbone.train()
         if self.target is not None:
             self.target.train()
@@ -634,10 +602,18 @@ _LOAD_AT_START: Optional[List[float]] = None
 _COMMAND: List[str] = []
 
 
+# process-level settings that change CPU timings (allocator, threads): recorded when set
+_TUNING_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def tuning_env() -> Dict[str, str]:
+    return {k: os.environ[k] for k in _TUNING_ENV if k in os.environ}
+
+
 def write_record(path: str, kind: str, results: List[Dict], extras: List[Dict]) -> None:
     """A JSON record: command line, machine, versions, load averages, and the results (the --json lines)."""
     rec = {"kind": kind, "command": "python -m ssl_sphere.bench " + " ".join(_COMMAND),
-           "machine": machine(), "versions": versions(), "load_avg_start": _LOAD_AT_START,
+           "machine": machine(), "versions": versions(), "env": tuning_env(), "load_avg_start": _LOAD_AT_START,
            "load_avg_end": load_avg(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "results": results, "details": extras}
     Path(path).parent.mkdir(parents=True, exist_ok=True)

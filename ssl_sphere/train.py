@@ -131,6 +131,68 @@ def build_optimizer(model: nn.Module, ocfg) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum)
 
 
+def bf16_enabled(cfg: DictConfig, device: torch.device) -> bool:
+    return cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+
+
+def place_images(images: torch.Tensor, cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The uint8 train set on the device when it fits (data.on_device), else in (pinned) host memory.
+    Returns (images, on_device)."""
+    on_device = cfg.data.on_device == "yes" or (
+        cfg.data.on_device == "auto" and device.type == "cuda" and images.numel() < 4 * 2**30)
+    if on_device:
+        return images.to(device), True
+    return (images.pin_memory() if device.type == "cuda" else images), False
+
+
+class TrainStep:
+    """One optimisation step of the pretraining loop: lr schedule -> batch indexing ->
+    augmentation -> forward (method + SEC + vMF, bf16 autocast where enabled) ->
+    non-finite flag -> backward -> optimiser -> method.after_step. train() and
+    ``ssl_sphere.bench step`` both run this object, so the benchmark times the loop's code.
+
+    forward: the Pretrainer or its DDP wrapper; images: from place_images. ``first_bad`` is
+    a device scalar holding the first step with a non-finite loss (-1: none), updated
+    without a host sync; the caller reads it when it logs."""
+
+    def __init__(self, forward: nn.Module, method: Method, optimizer: torch.optim.Optimizer, aug: Augmenter,
+                 images: torch.Tensor, on_device: bool, cfg: DictConfig, total: int, warmup: int,
+                 device: torch.device):
+        self.forward, self.method, self.optimizer, self.aug = forward, method, optimizer, aug
+        self.images, self.on_device, self.cfg = images, on_device, cfg
+        self.total, self.warmup, self.device = total, warmup, device
+        self.use_bf16 = bf16_enabled(cfg, device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def __call__(self, step: int, idx: torch.Tensor, mark=None):
+        """idx: (B,) CPU indices of this rank's batch. mark(name), if given, is called after each
+        phase (the benchmark's profiler). Returns (loss, method_loss, logs, embeddings, lr)."""
+        cfg, device, optimizer = self.cfg, self.device, self.optimizer
+        mark = mark or (lambda name: None)
+        lr = lr_at(step, self.total, self.warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
+        x = self.images[idx_dev] if self.on_device else self.images[idx].to(device, non_blocking=True)
+        mark("batch_index")
+        v1, v2 = self.aug.views(x)
+        if cfg.model.channels_last:
+            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        mark("augment")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            loss, method_loss, logs, emb = self.forward(v1, v2, step / self.total, idx_dev)
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)  # no sync
+        mark("forward")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        mark("backward")
+        optimizer.step()
+        mark("optimizer")
+        self.method.after_step((step + 1) / self.total)
+        mark("after_step")
+        return loss, method_loss, logs, emb, lr
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but CUDA is not available; use --device cpu or auto")
@@ -219,11 +281,8 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, flo
         # construction, so every rank starts identical despite per-rank seeds.
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    on_device = cfg.data.on_device == "yes" or (
-        cfg.data.on_device == "auto" and device.type == "cuda" and splits.train.images.numel() < 4 * 2**30)
-    images = splits.train.images.to(device) if on_device else splits.train.images
-    if not on_device and device.type == "cuda":
-        images = images.pin_memory()
+    images, on_device = place_images(splits.train.images, cfg, device)
+    run_step = TrainStep(ddp, method, optimizer, aug, images, on_device, cfg, total, warmup, device)
 
     os.makedirs(run_dir, exist_ok=True)
     if main:
@@ -240,7 +299,7 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, flo
         if monitor is not None and ckpt.get("best_knn_top1") is not None:
             monitor.best = ckpt["best_knn_top1"]
 
-    use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+    use_bf16 = run_step.use_bf16
     say = print if main else (lambda *a, **k: None)
     say(f"[ssl_sphere] run dir {run_dir} | {cfg.method.name}{' +SEC' if cfg.sec.enabled else ''} | "
         f"{splits.name}: {n} train / {len(splits.test)} test images | {cfg.model.backbone} | device {device}"
@@ -282,10 +341,8 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, flo
         from tqdm import tqdm
         bar = tqdm(total=stop, initial=start_step, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
 
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-
     def check_finite() -> None:
-        bad = int(dist.all_reduce_max(first_bad).item())  # every rank stops together
+        bad = int(dist.all_reduce_max(run_step.first_bad).item())  # every rank stops together
         if bad >= 0:
             where = (f"last good checkpoint: {os.path.join(run_dir, 'last.pt')} (step {state['last_saved_step']})"
                      if state["last_saved_step"] is not None else "no checkpoint was written yet")
@@ -303,22 +360,7 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, flo
                 refresh_vmf(model, splits.train.images, aug.eval_transform, cfg, device, seed=cfg.run.seed + epoch)
             logs, emb = {}, None
             for idx in epoch_batches(n, cfg.optim.batch_size, cfg.run.seed, epoch, pos, rank, world):
-                progress = step / total
-                lr = lr_at(step, total, warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
-                x = images[idx_dev] if on_device else images[idx].to(device, non_blocking=True)
-                v1, v2 = aug.views(x)
-                if cfg.model.channels_last:
-                    v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, method_loss, logs, emb = ddp(v1, v2, progress, idx_dev)
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)  # no host sync
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                method.after_step((step + 1) / total)
+                loss, method_loss, logs, emb, lr = run_step(step, idx)
                 step += 1
                 if step % cfg.run.log_every == 0 or step == stop:
                     check_finite()
