@@ -54,6 +54,7 @@ def _equivalence_worker(rank, init_file, out_file):
         mean_loss /= WORLD
         if rank == 0:
             torch.save({"loss": mean_loss, "grad": grad}, out_file)
+        tdist.barrier()  # no rank tears gloo down while its peer is still using the connection
     finally:
         tdist.destroy_process_group()
 
@@ -89,6 +90,7 @@ def _moco_worker(rank, init_file, out_file):
         sharded = dist.gather_sharded(x[rank::WORLD], 7)
         if rank == 0:
             torch.save({"keys": keys, "ptr": int(m.queue.ptr), "sharded_ok": torch.equal(sharded, x)}, out_file)
+        tdist.barrier()  # (as above: an early destroy on rank 1 aborted it 1 run in ~10)
     finally:
         tdist.destroy_process_group()
 
