@@ -2,6 +2,7 @@
 
     python benchmarks/make_table.py            # print the markdown
     python benchmarks/make_table.py --write    # replace the block between the markers in benchmarks/README.md
+                                               # and in the top-level README.md ("Performance")
 
 Every number in the tables comes from a record written by ``python -m ssl_sphere.bench ... --out FILE``;
 none is typed by hand.
@@ -16,8 +17,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-README = HERE / "README.md"
-START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
+TARGETS = (HERE / "README.md", HERE.parent / "README.md")
+
+
+def markers(prefix: str):
+    """cpu_ records go between <!-- performance-table:start/end -->, others (e.g. gpu_) between
+    <!-- performance-table-gpu:start/end -->."""
+    tag = "" if prefix == "cpu_" else "-" + prefix.rstrip("_")
+    return f"<!-- performance-table{tag}:start -->", f"<!-- performance-table{tag}:end -->"
 
 
 def load(prefix: str = "cpu_"):
@@ -56,6 +63,10 @@ def augment_table(recs) -> str:
     return "\n".join(rows)
 
 
+def label(r) -> str:
+    return r["method"] + (" +SEC" if r.get("sec") else "")
+
+
 def step_table(recs) -> str:
     rows = ["| file | method | backbone | batch | size | threads | ssl_sphere views/s | backbone-only views/s | ratio "
             "| backbone + EMA fwd views/s | ratio vs EMA floor | lightly views/s | ssl_sphere / lightly | load avg (1 min) |",
@@ -65,7 +76,7 @@ def step_table(recs) -> str:
             continue
         for r in rec["results"]:
             v = r["views_per_s"]
-            method = r["method"] + (" +SEC" if r.get("sec") else "")
+            method = label(r)
             rows.append(
                 f"| `{rec['file']}` | {method} | {r['backbone']} | {r['batch']} | {r['image_size']} | "
                 f"{r.get('torch_threads', '?')} | {fmt(v['ssl_sphere'], 2)} | {fmt(v['backbone_only'], 2)} | "
@@ -83,7 +94,7 @@ def phases_table(recs) -> str:
             if not ph:
                 continue
             total = sum(ph.values())
-            rows.append(f"| `{rec['file']}` | {r['method']} | {r.get('torch_threads', '?')} | "
+            rows.append(f"| `{rec['file']}` | {label(r)} | {r.get('torch_threads', '?')} | "
                         + " | ".join(f"{ph.get(k, 0):.3f} ({100 * ph.get(k, 0) / total:.1f}%)"
                                      for k in ("batch_index", "augment", "forward", "backward", "optimizer", "after_step"))
                         + " |")
@@ -127,21 +138,28 @@ def render(prefix: str = "cpu_") -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--write", action="store_true", help=f"replace the block between the markers in {README}")
+    p.add_argument("--write", action="store_true",
+                   help="replace the block between the markers in " + " and ".join(str(t) for t in TARGETS))
     p.add_argument("--prefix", default="cpu_", help="record file prefix (default cpu_)")
     args = p.parse_args(argv)
     table = render(args.prefix)
     if not args.write:
         print(table)
         return 0
-    text = README.read_text()
-    if START not in text or END not in text:
-        print(f"markers {START} / {END} not found in {README}", file=sys.stderr)
+    start, end = markers(args.prefix)
+    written = 0
+    for target in TARGETS:
+        text = target.read_text()
+        if start not in text or end not in text:
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        target.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+        print(f"updated {target}")
+        written += 1
+    if not written:
+        print(f"markers {start} / {end} found in none of " + ", ".join(str(t) for t in TARGETS), file=sys.stderr)
         return 1
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{table}\n{END}{tail}")
-    print(f"updated {README}")
     return 0
 
 

@@ -73,3 +73,43 @@ def test_cli_entry_point_help():
     """`python -m ssl_sphere.bench` is runnable; the sub-commands are listed."""
     out = subprocess.run([sys.executable, "-m", "ssl_sphere.bench", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "augment" in out.stdout and "step" in out.stdout
+
+
+def test_make_table_renders_records_into_marked_readmes(tmp_path, monkeypatch):
+    """benchmarks/make_table.py: every number comes from a record; --write fills the marked block
+    of each target README (cpu_ and gpu_ records into their own markers) and leaves the rest."""
+    import importlib.util
+
+    from .conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("make_table", REPO / "benchmarks" / "make_table.py")
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    results = tmp_path / "results"
+    results.mkdir()
+    rec = {"kind": "augment", "command": "python -m ssl_sphere.bench augment --sizes 32",
+           "machine": {"cpu": "TestCPU", "cores": 2, "torch_threads": 2},
+           "versions": {"torch": "t", "torchvision": "tv", "kornia": "k", "lightly": "l"},
+           "env": {"MALLOC_TRIM_THRESHOLD_": "7"}, "load_avg_start": [0.1, 0, 0], "load_avg_end": [0.2, 0, 0],
+           "results": [{"device": "cpu", "image_size": 32, "batch": 256,
+                        "views_per_s": {"ssl_sphere": 123456.7, "kornia_stock": 1000.0, "torchvision_cpu": 500.0}}]}
+    (results / "cpu_augment.json").write_text(json.dumps(rec))
+    (results / "gpu_augment.json").write_text(json.dumps(dict(rec, machine=dict(rec["machine"], cpu="GPUBOX"))))
+    a, b = tmp_path / "a.md", tmp_path / "b.md"
+    start, end = mt.markers("cpu_")
+    gstart, gend = mt.markers("gpu_")
+    a.write_text(f"intro\n{start}\nold\n{end}\noutro\n{gstart}\nkeep\n{gend}\n")
+    b.write_text("no markers here\n")
+    monkeypatch.setattr(mt, "RESULTS", results)
+    monkeypatch.setattr(mt, "TARGETS", (a, b))
+
+    assert mt.main(["--write"]) == 0
+    text = a.read_text()
+    assert text.startswith("intro\n") and "outro" in text and "old" not in text and "keep" in text
+    assert "123,456.7" in text and "123.5x" in text and "246.9x" in text and "TestCPU" in text
+    assert "MALLOC_TRIM_THRESHOLD_=7 python -m ssl_sphere.bench augment --sizes 32" in text
+    assert "GPUBOX" not in text and b.read_text() == "no markers here\n"
+    assert mt.main(["--write", "--prefix", "gpu_"]) == 0
+    assert "GPUBOX" in a.read_text() and "keep" not in a.read_text()
+    monkeypatch.setattr(mt, "TARGETS", (b,))
+    assert mt.main(["--write"]) == 1  # no target has the markers: an error, not silence

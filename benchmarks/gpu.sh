@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 5, item 5: the GPU numbers (ResNet-18 small stem, CIFAR-10, batch 512, bf16 autocast +
+# channels_last, then + torch.compile). Writes benchmarks/results/gpu_*.json and gpu_epoch.txt;
+# `python benchmarks/make_table.py --prefix gpu_ --write` renders the JSON records into
+# README.md / benchmarks/README.md (between the performance-table-gpu markers).
+#
+#   bash benchmarks/gpu.sh [CIFAR_IMAGE_FOLDER]     # default ../shared/data/cifar10
+#
+# Needs a CUDA device (exits 2 otherwise). About 10 minutes on one H100.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/data/cifar10}
+R=benchmarks/results
+python - <<'EOF' || { echo "benchmarks/gpu.sh: torch not importable or no CUDA device visible (activate the venv on a GPU machine)" >&2; exit 2; }
+import sys, torch
+sys.exit(0 if torch.cuda.is_available() else 1)
+EOF
+GPU=(--device cuda model.channels_last=true run.precision=bf16)
+
+python -m ssl_sphere.bench augment --device cuda --sizes 32,96,224 --batch 512 --repeats 50 --data-root "$DATA" \
+  --json --out $R/gpu_augment.json
+for m in simclr moco byol; do
+  python -m ssl_sphere.bench step --method $m --backbone resnet18 --batch 512 --steps 30 --warmup 5 --profile \
+    --compare-lightly --workers 16 --data-root "$DATA" "${GPU[@]}" --json --out $R/gpu_step_$m.json
+done
+python -m ssl_sphere.bench step --method moco --sec --backbone resnet18 --batch 512 --steps 30 --warmup 10 \
+  --data-root "$DATA" "${GPU[@]}" model.compile=true --json --out $R/gpu_step_moco_sec_compile.json
+
+# epoch time: one real epoch of the training loop (kNN monitor off), wall clock of the whole process
+# (includes process start-up and decoding the image folder)
+for m in simclr moco; do
+  start=$(date +%s.%N)
+  python -m ssl_sphere.pretrain --config configs/cifar10/$m.yaml --dataset imagefolder --data-root "$DATA" \
+    --epochs 1 --output-dir /tmp/ssl_sphere_gpu_epoch --run-name $m "${GPU[@]}" eval.every_epochs=0 run.progress=false
+  end=$(date +%s.%N)
+  echo "$m resnet18 batch 512 bf16 channels_last: 1 epoch (process start, data load, all steps, checkpoint)" \
+    "$(awk "BEGIN {printf \"%.1f\", $end - $start}") s" \
+    | tee -a $R/gpu_epoch.txt
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a $R/gpu_epoch.txt
+python benchmarks/make_table.py --prefix gpu_ --write
