@@ -445,3 +445,21 @@ def test_views_equal_torchvision_order_reference():
     y[b:] = torch.where(solar_on.view(-1, 1, 1, 1) & (y[b:] >= 0.5), 1 - y[b:], y[b:])
     ref = (y - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     torch.testing.assert_close(torch.cat([v1, v2]), ref, atol=2e-5, rtol=0)
+
+
+def test_flip_and_jitter_probabilities():
+    """hflip p=0.5 and colour-jitter p=0.8 are per-sample coins (4000 images, +-0.03)."""
+    x = _images(4000, 8, seed=24)
+    ref = x.float() / 255
+    cfg = _cfg(**{**_ALL_OFF, "hflip_p": 0.5})
+    torch.manual_seed(0)
+    v = Augmenter(cfg.aug, 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).view(x, 0)
+    flipped = (v - torch.flip(ref, dims=[-1])).flatten(1).abs().amax(1) < 1e-5
+    same = (v - ref).flatten(1).abs().amax(1) < 1e-5
+    assert (flipped ^ same).all()  # random images: each view is exactly one of the two
+    assert abs(_fraction(flipped) - 0.5) < 0.03
+    cfg = _cfg(**{**_ALL_OFF, "jitter_p": 0.8})
+    torch.manual_seed(0)
+    v = Augmenter(cfg.aug, 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).view(x, 0)
+    changed = (v - ref).flatten(1).abs().amax(1) > 1e-4
+    assert abs(_fraction(changed) - 0.8) < 0.03
