@@ -15,16 +15,23 @@ python - <<'EOF' || { echo "benchmarks/gpu.sh: torch not importable or no CUDA d
 import sys, torch
 sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
+[ -d "$DATA/train" ] || { echo "benchmarks/gpu.sh: no image folder at $DATA/train (pass the CIFAR-10 folder)" >&2; exit 2; }
 GPU=(--device cuda model.channels_last=true run.precision=bf16)
+: > $R/gpu_epoch.txt
 
 python -m ssl_sphere.bench augment --device cuda --sizes 32,96,224 --batch 512 --repeats 50 --data-root "$DATA" \
   --json --out $R/gpu_augment.json
+# headline step numbers: the configs/cifar10 recipes (batch 512, their queue / heads), no --profile (its
+# per-phase device syncs would slow the ssl_sphere pipeline only)
 for m in simclr moco byol; do
-  python -m ssl_sphere.bench step --method $m --backbone resnet18 --batch 512 --steps 30 --warmup 5 --profile \
+  python -m ssl_sphere.bench step --config configs/cifar10/$m.yaml --method $m --steps 30 --warmup 5 \
     --compare-lightly --workers 16 --data-root "$DATA" "${GPU[@]}" --json --out $R/gpu_step_$m.json
 done
-python -m ssl_sphere.bench step --method moco --sec --backbone resnet18 --batch 512 --steps 30 --warmup 10 \
+python -m ssl_sphere.bench step --config configs/cifar10/moco_sec.yaml --method moco --sec --steps 30 --warmup 10 \
   --data-root "$DATA" "${GPU[@]}" model.compile=true --json --out $R/gpu_step_moco_sec_compile.json
+# where the time goes (synchronised phases; slower than the headline run by construction)
+python -m ssl_sphere.bench step --config configs/cifar10/moco_sec.yaml --method moco --sec --steps 20 --warmup 5 \
+  --profile --data-root "$DATA" "${GPU[@]}" --json --out $R/gpu_step_moco_sec_profile.json
 
 # epoch time: one real epoch of the training loop (kNN monitor off), wall clock of the whole process
 # (includes process start-up and decoding the image folder)

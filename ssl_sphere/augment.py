@@ -160,6 +160,10 @@ def color_jitter_(x: torch.Tensor, p: float, strengths: Sequence[float],
     samples not jittered get identity parameters."""
     bri, con, sat, hue = strengths
     b, c, h, w = x.shape
+    if not x.is_contiguous() or (scratch is not None and (scratch.numel() != x.numel() or scratch.dtype != x.dtype
+                                                          or not scratch.is_contiguous())):
+        raise ValueError("color_jitter_ works in place on a contiguous x; scratch must be a contiguous tensor with "
+                         "x's dtype and number of elements")
     dev, dt = x.device, x.dtype
     on = torch.rand(b, device=dev) < p
     one = torch.ones(b, device=dev)
@@ -274,10 +278,10 @@ class Augmenter(nn.Module):
         rows = xf.shape[0]
         crops = sample_crops(rows, height, width, a.crop_scale, a.crop_ratio, dev)
         flip = torch.rand(rows, device=dev) < a.hflip_p
-        y = crop_resize_flip(xf, crops, flip, self.size).clamp_(0, 1)
+        y = crop_resize_flip(xf, crops, flip, self.size).contiguous().clamp_(0, 1)  # channels_last input
         # xf is dead from here on: reuse it as the workspace when it has the view's size
         # (two multi-MB allocations per call instead of seven; see color_jitter_)
-        spare = xf if xf.numel() == y.numel() else torch.empty_like(y)
+        spare = xf if xf.numel() == y.numel() and xf.is_contiguous() else torch.empty_like(y)
         if a.jitter_p > 0:
             color_jitter_(y, a.jitter_p, (a.brightness, a.contrast, a.saturation, a.hue), scratch=spare)
         # torchvision's order is grayscale -> blur -> solarise -> normalise. Grayscale is a

@@ -334,10 +334,14 @@ def augment_main(args) -> List[Dict]:
 def step_config(args):
     from .pretrain import build_config
 
-    argv = ["--method", args.method, "--backbone", args.backbone, "--batch-size", str(args.batch),
-            "--device", args.device, f"data.image_size={args.image_size}", "eval.every_epochs=0",
-            "run.progress=false"] + (["--sec"] if args.sec else []) + list(args.overrides)
-    return build_config(argv)
+    # a recipe (--config) supplies its own backbone / batch; explicit flags still win
+    recipe = ["--config", args.config] if args.config else []
+    backbone = args.backbone or (None if args.config else "resnet18")
+    batch = args.batch or (None if args.config else 128)
+    argv = recipe + ["--method", args.method, "--device", args.device, f"data.image_size={args.image_size}",
+                     "eval.every_epochs=0", "run.progress=false"]
+    argv += (["--backbone", backbone] if backbone else []) + (["--batch-size", str(batch)] if batch else [])
+    return build_config(argv + (["--sec"] if args.sec else []) + list(args.overrides))
 
 
 class PipelineStep:
@@ -398,7 +402,7 @@ class PipelineStep:
     def views(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """One pair of views of a batch, as the step makes them."""
         idx = self.next_indices()
-        x = self.step.images[idx.to(self.step.images.device)].to(self.device)
+        x = self.step.batch(idx, idx.to(self.device))
         v1, v2 = self.aug.views(x)
         if self.cfg.model.channels_last:
             v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
@@ -419,6 +423,10 @@ class BackboneStep:
         if cfg.model.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.target = copy.deepcopy(self.backbone).requires_grad_(False) if ema_forward else None
+        if cfg.model.compile:  # compiled like the ssl_sphere step, so the ratio compares like with like
+            self.backbone.compile()
+            if self.target is not None:
+                self.target.compile()
         self.optimizer = build_optimizer(self.backbone, cfg.optim)
         self.views, self.device = views, device
         self.use_bf16 = bf16_enabled(cfg, device)
@@ -571,6 +579,8 @@ def step_main(args) -> Dict:
            "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
            "data": "cifar10" if src.startswith("cifar10") else "random", "views_per_s": vps,
            "ratio": round(ratio, 3)}
+    if args.config:
+        res["config"] = args.config
     if args.overrides:
         res["overrides"] = list(args.overrides)
     if "backbone_plus_ema_fwd" in vps:
@@ -656,8 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(s)
     s.add_argument("--method", required=True, choices=("simclr", "moco", "byol"))
-    s.add_argument("--backbone", default="resnet18", help="default resnet18 (tiny, resnet34, resnet50, ...)")
-    s.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    s.add_argument("--config", metavar="FILE.yaml", help="a recipe (e.g. configs/cifar10/moco.yaml) as the base "
+                   "config: its backbone, batch, queue, heads, optimiser; the flags below override it")
+    s.add_argument("--backbone", default=None, help="default resnet18, or the recipe's (tiny, resnet34, resnet50, ...)")
+    s.add_argument("--batch", type=int, default=None, help="batch size (default 128, or the recipe's)")
     s.add_argument("--image-size", type=int, default=32, help="image side in px (default 32)")
     s.add_argument("--sec", action="store_true", help="with the spherical embedding constraint")
     s.add_argument("--steps", type=int, default=5, help="timed steps per pipeline (default 5)")

@@ -10,6 +10,7 @@ own gradient is radial (it never changes a direction).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Tuple
 
@@ -98,6 +99,13 @@ def simplex_centres(L: int, d: int, dtype=torch.float32, device=None) -> torch.T
     return m[:, :d].to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=16)
+def _simplex_on(L: int, d: int, device: torch.device) -> torch.Tensor:
+    """simplex_centres built once per (L, d, device) and never written to: built on the host,
+    its copy to a GPU would otherwise block every step."""
+    return simplex_centres(L, d, device=device)
+
+
 def see_expand(z: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
     """Synthetic points around anchors: (B, n, d).
 
@@ -123,7 +131,7 @@ def see_expand(z: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
     q, rr = torch.linalg.qr(mat)
     q = q * torch.sign(torch.diagonal(rr, dim1=1, dim2=2)).unsqueeze(1)  # columns 0, 1 = +w, +r_dir
     basis = q[:, :, 1:]  # (B, d, n): orthonormal in w-perp, first column r/||r||
-    simplex = simplex_centres(n + 1, n, device=z.device)  # vertex 0 = e_1 -> r/||r||
+    simplex = _simplex_on(n + 1, n, z.device)  # vertex 0 = e_1 -> r/||r||
     u = torch.einsum("kj,bdj->bkd", simplex[1:], basis)  # (B, n, d)
     rn = torch.where(degenerate, torch.zeros_like(rn), rn)
     return cos.unsqueeze(2) * w.unsqueeze(1) + rn.unsqueeze(2) * u

@@ -164,6 +164,17 @@ class TrainStep:
         self.use_bf16 = bf16_enabled(cfg, device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
+    def batch(self, idx: torch.Tensor, idx_dev: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 images of this batch on the training device."""
+        if self.on_device or self.device.type != "cuda":
+            return self.images[idx_dev]
+        # Off-device on CUDA: indexing even a pinned tensor returns pageable memory, and a copy
+        # from pageable memory blocks the host. Gather into a pinned block instead; the caching
+        # host allocator hands that block out again only after this copy has completed.
+        buf = torch.empty((idx.numel(), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+        torch.index_select(self.images, 0, idx, out=buf)
+        return buf.to(self.device, non_blocking=True)
+
     def __call__(self, step: int, idx: torch.Tensor, mark=None):
         """idx: (B,) CPU indices of this rank's batch. mark(name), if given, is called after each
         phase (the benchmark's profiler). Returns (loss, method_loss, logs, embeddings, lr)."""
@@ -173,7 +184,7 @@ class TrainStep:
         for g in optimizer.param_groups:
             g["lr"] = lr
         idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
-        x = self.images[idx_dev] if self.on_device else self.images[idx].to(device, non_blocking=True)
+        x = self.batch(idx, idx_dev)
         mark("batch_index")
         v1, v2 = self.aug.views(x)
         if cfg.model.channels_last:

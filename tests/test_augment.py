@@ -463,3 +463,15 @@ def test_flip_and_jitter_probabilities():
     v = Augmenter(cfg.aug, 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).view(x, 0)
     changed = (v - ref).flatten(1).abs().amax(1) > 1e-4
     assert abs(_fraction(changed) - 0.8) < 0.03
+
+
+def test_channels_last_input_gives_the_same_views():
+    cfg = _cfg(method="byol")
+    aug = Augmenter(cfg.aug, 24, MEAN, STD)
+    x = _images(6, 32, seed=25)
+    torch.manual_seed(3)
+    ref = aug.views(x)
+    torch.manual_seed(3)
+    out = aug.views(x.contiguous(memory_format=torch.channels_last))
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, atol=1e-6, rtol=0)

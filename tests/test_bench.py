@@ -113,3 +113,19 @@ def test_make_table_renders_records_into_marked_readmes(tmp_path, monkeypatch):
     assert "GPUBOX" in a.read_text() and "keep" not in a.read_text()
     monkeypatch.setattr(mt, "TARGETS", (b,))
     assert mt.main(["--write"]) == 1  # no target has the markers: an error, not silence
+
+
+def test_step_recipe_config_is_the_base(capsys):
+    """--config: the recipe's batch / queue / heads are used unless a flag overrides them."""
+    from .conftest import REPO
+
+    cfg = bench.step_config(bench.build_parser().parse_args(
+        ["step", "--method", "moco", "--config", str(REPO / "configs/cifar10/moco_sec.yaml"), "--data", "random"]))
+    assert cfg.optim.batch_size == 512 and cfg.model.backbone == "resnet18" and cfg.sec.enabled
+    assert cfg.method.queue_size == 4096
+    cfg = bench.step_config(bench.build_parser().parse_args(
+        ["step", "--method", "moco", "--config", str(REPO / "configs/cifar10/moco.yaml"), "--batch", "8", "--backbone", "tiny",
+         "method.queue_size=64"]))
+    assert (cfg.optim.batch_size, cfg.model.backbone, cfg.method.queue_size) == (8, "tiny", 64)
+    cfg = bench.step_config(bench.build_parser().parse_args(["step", "--method", "byol"]))
+    assert (cfg.optim.batch_size, cfg.model.backbone) == (128, "resnet18")  # no recipe: the harness defaults

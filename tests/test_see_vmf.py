@@ -74,7 +74,7 @@ def test_see_adds_lambda_times_its_loss(method):
     torch.manual_seed(0)
     cfg = _cfg(method, "--see", "see.fraction=1.0", "see.n=4")
     m = build_model(cfg).method
-    m.progress.fill_(1.0)  # ramp at its end: every sample expanded
+    m.set_progress(1.0)  # ramp at its end: every sample expanded
     m.eval()  # no enqueue, fixed BN statistics: both forwards see the same state
     plain = copy.deepcopy(m)
     plain.see = None
@@ -83,7 +83,7 @@ def test_see_adds_lambda_times_its_loss(method):
     assert "see_loss" in out.logs and out.logs["see_loss"] > 0
     torch.testing.assert_close(out.loss.detach() - cfg.see.weight * out.logs["see_loss"],
                                plain(x1, x2).loss.detach(), atol=1e-4, rtol=1e-4)
-    m.progress.fill_(0.0)  # start of the ramp: nothing expanded, no SEE term
+    m.set_progress(0.0)  # start of the ramp: nothing expanded, no SEE term
     assert "see_loss" not in m(x1, x2).logs
 
 
@@ -98,7 +98,7 @@ def test_see_synthetic_points_are_detached_from_their_source():
 
     cfg = _cfg("simclr", "--see", "see.n=4", "see.fraction=1.0")
     m = build_model(cfg).method
-    m.progress.fill_(1.0)
+    m.set_progress(1.0)
     za = torch.randn(6, 128, requires_grad=True)
     zo = torch.randn(6, 128, requires_grad=True)
     SimCLR._see_loss(m, zo, za, 1.0).backward()
@@ -226,3 +226,17 @@ def test_see_and_vmf_train_end_to_end(tmp_path, argv):
         ck = checkpoint.load(str(Path(s["run_dir"]) / "last.pt"))
         assert bool(ck["model"]["vmf.initialised"]) and ck["model"]["vmf.labels"].shape == (1437,)
         assert ck["model"]["vmf.labels"].unique().numel() > 1
+
+
+def test_see_progress_host_mirror_follows_state_dict():
+    """SEE's ramp reads a host mirror of the checkpointed progress buffer (no device sync per
+    step); loading a state_dict must replace the mirror with the loaded value."""
+    cfg = _cfg("moco", "--see", "see.fraction=0.4")
+    a, b = build_model(cfg).method, build_model(cfg).method
+    a.after_step(0.75)
+    assert a.see_fraction() == pytest.approx(0.3)
+    b.set_progress(0.1)
+    assert b.see_fraction() == pytest.approx(0.04)
+    b.load_state_dict(a.state_dict())
+    assert b.see_fraction() == pytest.approx(0.3)
+    assert float(b.progress) == pytest.approx(0.75)

@@ -38,8 +38,11 @@ class Method(nn.Module):
         self.feature_dim = feature_dim
         self.cfg = cfg  # the method section of the config (read-only)
         self.see = see if see is not None and see.enabled else None  # SEE section, if on
-        # training progress in [0, 1] as of the last after_step: drives SEE's ramp (checkpointed)
+        # training progress in [0, 1] as of the last after_step: drives SEE's ramp (checkpointed).
+        # _progress mirrors it on the host so reading it costs no device sync per step; None
+        # means "read the buffer once" (fresh module, or a state_dict just loaded into it)
         self.register_buffer("progress", torch.zeros(()))
+        self._progress = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) normalised images -> (B, F) backbone features for evaluation."""
@@ -47,7 +50,20 @@ class Method(nn.Module):
 
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step with training progress in [0, 1]."""
+        self.set_progress(progress)
+
+    def set_progress(self, progress: float) -> None:
         self.progress.fill_(progress)
+        self._progress = float(progress)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._progress = None  # the loaded buffer is the truth now
+
+    def progress_value(self) -> float:
+        if self._progress is None:
+            self._progress = float(self.progress)  # one sync, then the host mirror
+        return self._progress
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) -> (B, D) embeddings in the loss space from the momentum
@@ -56,7 +72,7 @@ class Method(nn.Module):
 
     def see_fraction(self) -> float:
         """Share of samples SEE expands now: ramps 0 -> see.fraction over training."""
-        return self.see.fraction * float(self.progress) if self.see is not None else 0.0
+        return self.see.fraction * self.progress_value() if self.see is not None else 0.0
 
     def momentum_at(self, progress: float) -> float:
         return cosine_momentum(progress, self.cfg.momentum, self.cfg.momentum_final)
