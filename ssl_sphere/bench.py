@@ -1,7 +1,7 @@
 """Benchmark harness: augmentation throughput and training-step throughput.
 
     python -m ssl_sphere.bench augment [--device cpu|cuda|auto] [--sizes 32,96,224] [--batch 256] [--repeats N] [--json]
-    python -m ssl_sphere.bench step --method {simclr,moco,byol} [--backbone resnet18] [--batch 128] [--image-size 32]
+    python -m ssl_sphere.bench step --method {simclr,moco,byol} [--config RECIPE.yaml] [--backbone resnet18] [--batch 128] [--image-size 32]
         [--sec] [--device ...] [--steps 5] [--warmup 1] [--profile] [--compare-lightly] [--threads N] [--json]
         [--out FILE.json] [section.key=value ...]
 
