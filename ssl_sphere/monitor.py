@@ -14,8 +14,14 @@ from . import dist
 from .evaluation import extract_features, knn_accuracy, stratified_subset
 
 
-def _scalar(v) -> float:
-    return float(v.item()) if torch.is_tensor(v) else float(v)
+def _to_floats(values: Dict[str, object]) -> Dict[str, float]:
+    """Python floats of scalars and 0-d tensors; the tensors come to the host in ONE copy
+    (one device sync per log call instead of one per value)."""
+    got: Dict[str, float] = {}
+    for dev in {v.device for v in values.values() if torch.is_tensor(v)}:
+        keys = [k for k, v in values.items() if torch.is_tensor(v) and v.device == dev]
+        got.update(zip(keys, torch.stack([values[k].detach().float().reshape(()) for k in keys]).tolist()))
+    return {k: got[k] if k in got else float(v) for k, v in values.items()}
 
 
 class RunLogger:
@@ -39,7 +45,7 @@ class RunLogger:
 
     def log(self, step: int, values: Dict[str, object], prefix: str, **extra) -> Dict[str, float]:
         """Host-syncs the values (call at log intervals only), returns them as floats."""
-        vals = {k: _scalar(v) for k, v in values.items()}
+        vals = _to_floats(values)
         if self.active:
             for k, v in vals.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)

@@ -160,3 +160,13 @@ def test_real_cifar10_folder_trains(tmp_path):
     assert ds.num_classes == 10 and torch.bincount(ds.test.labels).tolist() == [1000] * 10
     # channel statistics match the ones documented for these files (shared/data/README.md)
     assert ds.mean == pytest.approx((0.4913, 0.4821, 0.4465), abs=0.01)
+
+
+def test_logger_values_to_floats_in_one_copy_per_device():
+    import torch
+
+    from ssl_sphere.monitor import _to_floats
+
+    vals = _to_floats({"loss": torch.tensor(1.5), "lr": 0.1, "n": torch.tensor(2), "one": torch.ones(1), "k": 3})
+    assert vals == {"loss": 1.5, "lr": 0.1, "n": 2.0, "one": 1.0, "k": 3.0}
+    assert all(type(v) is float for v in vals.values())
