@@ -45,21 +45,23 @@ def load_str(rec) -> str:
     return f"{a[0]:.1f} → {b[0]:.1f}" if a and b else "?"
 
 
+def results(recs, kind: str):
+    """(record, result) for every result of the records of ``kind`` (augment / step)."""
+    return [(rec, r) for rec in recs if rec["kind"] == kind for r in rec["results"]]
+
+
 def augment_table(recs) -> str:
     rows = ["| file | threads | size px | batch | ssl_sphere views/s | kornia_stock views/s | torchvision_cpu views/s "
             "| ssl_sphere / kornia | ssl_sphere / torchvision | load avg (1 min) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for rec in recs:
-        if rec["kind"] != "augment":
-            continue
+    for rec, r in results(recs, "augment"):
         thr = rec["machine"].get("torch_threads")
-        for r in rec["results"]:
-            v = r["views_per_s"]
-            ours = v.get("ssl_sphere")
-            up = lambda k: f"{ours / v[k]:.1f}x" if ours and v.get(k) else "–"  # noqa: E731
-            rows.append(f"| `{rec['file']}` | {thr} | {r['image_size']} | {r['batch']} | {fmt(ours)} | "
-                        f"{fmt(v.get('kornia_stock'))} | {fmt(v.get('torchvision_cpu'))} | {up('kornia_stock')} | "
-                        f"{up('torchvision_cpu')} | {load_str(rec)} |")
+        v = r["views_per_s"]
+        ours = v.get("ssl_sphere")
+        up = lambda k: f"{ours / v[k]:.1f}x" if ours and v.get(k) else "–"  # noqa: E731
+        rows.append(f"| `{rec['file']}` | {thr} | {r['image_size']} | {r['batch']} | {fmt(ours)} | "
+                    f"{fmt(v.get('kornia_stock'))} | {fmt(v.get('torchvision_cpu'))} | {up('kornia_stock')} | "
+                    f"{up('torchvision_cpu')} | {load_str(rec)} |")
     return "\n".join(rows)
 
 
@@ -71,33 +73,29 @@ def step_table(recs) -> str:
     rows = ["| file | method | backbone | batch | size | threads | ssl_sphere views/s | backbone-only views/s | ratio "
             "| backbone + EMA fwd views/s | ratio vs EMA floor | lightly views/s | ssl_sphere / lightly | load avg (1 min) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for rec in recs:
-        if rec["kind"] != "step":
-            continue
-        for r in rec["results"]:
-            v = r["views_per_s"]
-            method = label(r)
-            rows.append(
-                f"| `{rec['file']}` | {method} | {r['backbone']} | {r['batch']} | {r['image_size']} | "
-                f"{r.get('torch_threads', '?')} | {fmt(v['ssl_sphere'], 2)} | {fmt(v['backbone_only'], 2)} | "
-                f"{r['ratio']:.3f} | {fmt(v.get('backbone_plus_ema_fwd'), 2)} | "
-                f"{fmt(r.get('ratio_vs_ema_floor'), 3)} | {fmt(v.get('lightly'), 2)} | "
-                f"{fmt(r.get('speedup_vs_lightly'), 2) + 'x' if r.get('speedup_vs_lightly') else '–'} | {load_str(rec)} |")
+    for rec, r in results(recs, "step"):
+        v = r["views_per_s"]
+        method = label(r)
+        rows.append(
+            f"| `{rec['file']}` | {method} | {r['backbone']} | {r['batch']} | {r['image_size']} | "
+            f"{r.get('torch_threads', '?')} | {fmt(v['ssl_sphere'], 2)} | {fmt(v['backbone_only'], 2)} | "
+            f"{r['ratio']:.3f} | {fmt(v.get('backbone_plus_ema_fwd'), 2)} | "
+            f"{fmt(r.get('ratio_vs_ema_floor'), 3)} | {fmt(v.get('lightly'), 2)} | "
+            f"{fmt(r.get('speedup_vs_lightly'), 2) + 'x' if r.get('speedup_vs_lightly') else '–'} | {load_str(rec)} |")
     return "\n".join(rows)
 
 
 def phases_table(recs) -> str:
     rows = []
-    for rec in recs:
-        for r in rec["results"] if rec["kind"] == "step" else []:
-            ph = r.get("phases_s")
-            if not ph:
-                continue
-            total = sum(ph.values())
-            rows.append(f"| `{rec['file']}` | {label(r)} | {r.get('torch_threads', '?')} | "
-                        + " | ".join(f"{ph.get(k, 0):.3f} ({100 * ph.get(k, 0) / total:.1f}%)"
-                                     for k in ("batch_index", "augment", "forward", "backward", "optimizer", "after_step"))
-                        + " |")
+    for rec, r in results(recs, "step"):
+        ph = r.get("phases_s")
+        if not ph:
+            continue
+        total = sum(ph.values())
+        rows.append(f"| `{rec['file']}` | {label(r)} | {r.get('torch_threads', '?')} | "
+                    + " | ".join(f"{ph.get(k, 0):.3f} ({100 * ph.get(k, 0) / total:.1f}%)"
+                                 for k in ("batch_index", "augment", "forward", "backward", "optimizer", "after_step"))
+                    + " |")
     if not rows:
         return ""
     head = ["| file | method | threads | batch index s | augment s | forward s | backward s | optimizer s | after_step s |",

@@ -350,20 +350,18 @@ class PipelineStep:
 
     def __init__(self, cfg, images: torch.Tensor, mean, std, device: torch.device, total: int):
         from .augment import Augmenter
-        from .data import epoch_batches
-        from .train import TrainStep, build_model, build_optimizer, place_images
+        from .data import epoch_batches, steps_per_epoch
+        from .train import TrainStep, build_model_on, build_optimizer, place_images
 
         self.cfg, self.device = cfg, device
         self.n = images.shape[0]
         placed, on_device = place_images(images, cfg, device)
         self.aug = Augmenter(cfg.aug, cfg.data.image_size, mean, std).to(device)
-        self.model = build_model(cfg, self.n).to(device)
-        if cfg.model.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = build_model_on(cfg, self.n, device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         if cfg.model.compile:
             self.model.method.backbone.compile()
-        self.spe = max(1, self.n // cfg.optim.batch_size)
+        self.spe = steps_per_epoch(self.n, cfg.optim.batch_size, 1)
         warmup = int(round(cfg.optim.warmup_epochs * self.spe))
         self.step = TrainStep(self.model, self.model.method, self.optimizer, self.aug, placed, on_device, cfg,
                               total, warmup, device)
@@ -402,11 +400,7 @@ class PipelineStep:
     def views(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """One pair of views of a batch, as the step makes them."""
         idx = self.next_indices()
-        x = self.step.batch(idx, idx.to(self.device))
-        v1, v2 = self.aug.views(x)
-        if self.cfg.model.channels_last:
-            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
-        return v1, v2
+        return self.step.views(self.step.batch(idx, idx.to(self.device)))
 
 
 class BackboneStep:

@@ -69,6 +69,16 @@ def build_model(cfg: DictConfig, n_train: int = 0) -> Pretrainer:
     return Pretrainer(method, sec, vmf)
 
 
+def build_model_on(cfg: DictConfig, n_train: int, device: torch.device, world: int = 1) -> Pretrainer:
+    """build_model on ``device`` in the training memory format (SyncBatchNorm across ranks if asked)."""
+    model = build_model(cfg, n_train).to(device)
+    if world > 1 and cfg.model.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def sphere_pictures(logger: RunLogger, emb: torch.Tensor, step: int, two_views: bool) -> None:
     """Norm histogram of the raw embeddings of the last batch, and the alignment /
     uniformity of their normalised two views (Wang & Isola 2020)."""
@@ -175,6 +185,13 @@ class TrainStep:
         torch.index_select(self.images, 0, idx, out=buf)
         return buf.to(self.device, non_blocking=True)
 
+    def views(self, x: torch.Tensor):
+        """The two augmented views of the uint8 batch x, in the model's memory format."""
+        v1, v2 = self.aug.views(x)
+        if self.cfg.model.channels_last:
+            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        return v1, v2
+
     def __call__(self, step: int, idx: torch.Tensor, mark=None):
         """idx: (B,) CPU indices of this rank's batch. mark(name), if given, is called after each
         phase (the benchmark's profiler). Returns (loss, method_loss, logs, embeddings, lr)."""
@@ -186,9 +203,7 @@ class TrainStep:
         idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
         x = self.batch(idx, idx_dev)
         mark("batch_index")
-        v1, v2 = self.aug.views(x)
-        if cfg.model.channels_last:
-            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        v1, v2 = self.views(x)
         mark("augment")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             loss, method_loss, logs, emb = self.forward(v1, v2, step / self.total, idx_dev)
@@ -271,11 +286,7 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, flo
     warmup = int(round(cfg.optim.warmup_epochs * spe))
 
     aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std).to(device)
-    model = build_model(cfg, n).to(device)
-    if world > 1 and cfg.model.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model_on(cfg, n, device, world)
     optimizer = build_optimizer(model, cfg.optim)
 
     start_step, start_knn = 0, None

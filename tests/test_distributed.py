@@ -48,32 +48,42 @@ def _objective(w, x1, x2, gather, rank):
     return nt_xent(z1, z2, 0.5, gather=gather, rank=rank) + sec_term
 
 
-def _equivalence_worker(rank, init_file, out_file):
+def _spawn(body, tmp_path):
+    """Run body(rank) -> dict on WORLD gloo processes; returns rank 0's dict."""
+    out = tmp_path / "out.pt"
+    mp.spawn(_worker, args=(body, str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    return torch.load(out)
+
+
+def _worker(rank, body, init_file, out_file):
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        w, x1, x2 = _data()
-        w.requires_grad_(True)
-        sl = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
-        loss = _objective(w, x1[sl], x2[sl], dist.gather_with_grad, dist.rank())
-        loss.backward()
-        grad = w.grad.clone()
-        tdist.all_reduce(grad)  # what DDP does: average over ranks
-        grad /= WORLD
-        mean_loss = loss.detach().clone()
-        tdist.all_reduce(mean_loss)
-        mean_loss /= WORLD
+        res = body(rank)
         if rank == 0:
-            torch.save({"loss": mean_loss, "grad": grad}, out_file)
+            torch.save(res, out_file)
         tdist.barrier()  # no rank tears gloo down while its peer is still using the connection
     finally:
         tdist.destroy_process_group()
     _exit_without_teardown()
 
 
+def _equivalence(rank):
+    w, x1, x2 = _data()
+    w.requires_grad_(True)
+    sl = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+    loss = _objective(w, x1[sl], x2[sl], dist.gather_with_grad, dist.rank())
+    loss.backward()
+    grad = w.grad.clone()
+    tdist.all_reduce(grad)  # what DDP does: average over ranks
+    grad /= WORLD
+    mean_loss = loss.detach().clone()
+    tdist.all_reduce(mean_loss)
+    mean_loss /= WORLD
+    return {"loss": mean_loss, "grad": grad}
+
+
 def test_simclr_gather_and_sec_match_single_process(tmp_path):
-    out = tmp_path / "out.pt"
-    mp.spawn(_equivalence_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
-    res = torch.load(out)
+    res = _spawn(_equivalence, tmp_path)
     w, x1, x2 = _data()
     w.requires_grad_(True)
     loss = _objective(w, x1, x2, lambda t: t, 0)
@@ -82,35 +92,26 @@ def test_simclr_gather_and_sec_match_single_process(tmp_path):
     torch.testing.assert_close(res["grad"], w.grad, rtol=1e-4, atol=1e-6)
 
 
-def _moco_worker(rank, init_file, out_file):
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        from ssl_sphere.config import resolve, structured
-        from ssl_sphere.train import build_model
+def _moco_queue(rank):
+    from ssl_sphere.config import resolve, structured
+    from ssl_sphere.train import build_model
 
-        cfg = structured()
-        cfg.method.queue_size, cfg.method.proj_hidden_dim, cfg.optim.batch_size = 64, 32, 4
-        cfg = resolve(cfg)
-        torch.manual_seed(0)  # same initial weights and queue on both ranks (DDP would broadcast them)
-        m = build_model(cfg).method
-        torch.manual_seed(100 + rank)  # different data per rank
-        m(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
-        keys = [torch.empty_like(m.queue.keys) for _ in range(WORLD)]
-        tdist.all_gather(keys, m.queue.keys)
-        x = torch.arange(14.0).view(7, 2)  # 7 rows over 2 ranks: uneven shards
-        sharded = dist.gather_sharded(x[rank::WORLD], 7)
-        if rank == 0:
-            torch.save({"keys": keys, "ptr": int(m.queue.ptr), "sharded_ok": torch.equal(sharded, x)}, out_file)
-        tdist.barrier()
-    finally:
-        tdist.destroy_process_group()
-    _exit_without_teardown()
+    cfg = structured()
+    cfg.method.queue_size, cfg.method.proj_hidden_dim, cfg.optim.batch_size = 64, 32, 4
+    cfg = resolve(cfg)
+    torch.manual_seed(0)  # same initial weights and queue on both ranks (DDP would broadcast them)
+    m = build_model(cfg).method
+    torch.manual_seed(100 + rank)  # different data per rank
+    m(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    keys = [torch.empty_like(m.queue.keys) for _ in range(WORLD)]
+    tdist.all_gather(keys, m.queue.keys)
+    x = torch.arange(14.0).view(7, 2)  # 7 rows over 2 ranks: uneven shards
+    sharded = dist.gather_sharded(x[rank::WORLD], 7)
+    return {"keys": keys, "ptr": int(m.queue.ptr), "sharded_ok": torch.equal(sharded, x)}
 
 
 def test_moco_queue_identical_on_every_rank(tmp_path):
-    out = tmp_path / "out.pt"
-    mp.spawn(_moco_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
-    res = torch.load(out)
+    res = _spawn(_moco_queue, tmp_path)
     torch.testing.assert_close(res["keys"][0], res["keys"][1], rtol=0, atol=0)
     assert res["ptr"] == 2 * 4 * WORLD  # both views' keys of both ranks were enqueued
     assert res["sharded_ok"]  # kNN monitor shards reassemble in the original order
