@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .train import resolve_device
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 DEFAULT_DATA = Path(os.environ.get("SSL_SPHERE_CIFAR10", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"))
@@ -82,12 +84,6 @@ def load_avg() -> Optional[List[float]]:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
-
-
-def resolve_device(name: str) -> torch.device:
-    from .train import resolve_device as rd
-
-    return rd(name)
 
 
 def sync(device: torch.device) -> None:
