@@ -66,7 +66,10 @@ def augment_table(recs) -> str:
 
 
 def label(r) -> str:
-    return r["method"] + (" +SEC" if r.get("sec") else "")
+    """method [+SEC] [bf16] [channels_last] [compile]: what the step ran with."""
+    flags = [("+SEC", r.get("sec")), ("bf16", r.get("precision") == "bf16"),
+             ("channels_last", r.get("channels_last")), ("compile", r.get("compile"))]
+    return " ".join([r["method"]] + [name for name, on in flags if on])
 
 
 def step_table(recs) -> str:
@@ -132,6 +135,10 @@ def render(prefix: str = "cpu_") -> str:
     ph = phases_table(recs)
     if ph:
         parts += ["", "Phases of the ssl_sphere step (`--profile`, median seconds):", "", ph]
+    epoch = RESULTS / f"{prefix}epoch.txt"
+    if epoch.is_file() and epoch.read_text().strip():
+        parts += ["", f"Wall time of one real CIFAR-10 epoch (`{epoch.name}`, written by `benchmarks/gpu.sh`):", "",
+                  *[f"    {line}" for line in epoch.read_text().strip().splitlines()]]
     parts += ["", "Commands (the `command` field of each record):", "", commands(recs)]
     return "\n".join(parts)
 

@@ -543,6 +543,7 @@ def step_main(args) -> Dict:
     say(f"# data: {src}")
     total = max(n_calls, cfg.optim.epochs * max(1, images.shape[0] // b))
     pipe = PipelineStep(cfg, images, mean, std, device, total)
+    use_bf16 = pipe.step.use_bf16
     if args.profile:
         pipe.phases = {}
     views = pipe.views()
@@ -568,7 +569,8 @@ def step_main(args) -> Dict:
            "image_size": cfg.data.image_size, "sec": bool(cfg.sec.enabled), "steps": args.steps,
            "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
            "data": "cifar10" if src.startswith("cifar10") else "random", "views_per_s": vps,
-           "ratio": round(ratio, 3)}
+           "ratio": round(ratio, 3), "precision": "bf16" if use_bf16 else "fp32",
+           "channels_last": bool(cfg.model.channels_last), "compile": bool(cfg.model.compile)}
     if args.config:
         res["config"] = args.config
     if args.overrides:

@@ -18,3 +18,10 @@ requires_cifar_folder = pytest.mark.skipif(
     not (CIFAR_FOLDER / "train").is_dir(),
     reason=f"real CIFAR-10 image folder not found at {CIFAR_FOLDER} (set SSL_SPHERE_CIFAR10 to point elsewhere)",
 )
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason="needs a CUDA device (run `pytest -m cuda` on a GPU machine)")
+
+#: a device parameter whose "cuda" case carries the cuda marker and skips with a reason without CUDA
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]

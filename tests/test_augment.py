@@ -19,9 +19,10 @@ from ssl_sphere import augment as A
 from ssl_sphere.augment import Augmenter
 from ssl_sphere.config import resolve, structured
 
+from .conftest import DEVICES
+
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # every random op off: the view is the normalised image
 _ALL_OFF = dict(hflip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=[0.0, 0.0], solarize_p=[0.0, 0.0],
