@@ -58,10 +58,22 @@ def table(results: list) -> str:
             if not xs:
                 cells.append("–")
             else:
-                sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-                cells.append(f"{statistics.mean(xs):.2f} ± {sd:.2f} (n={len(xs)})")
+                sd = f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""  # one seed: no spread to show
+                cells.append(f"{statistics.mean(xs):.2f}{sd} (n={len(xs)})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_between_markers(path: str, tag: str, text: str) -> None:
+    """Replace what stands between <!-- TAG:start --> and <!-- TAG:end --> in ``path``."""
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    doc = open(path).read()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {start} ... {end} markers")
+    head, rest = doc.split(start, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    print(f"updated {path} ({tag})")
 
 
 def _device_name(device: str) -> str:
@@ -85,6 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--cells", type=int, default=None, metavar="N",
                    help="run only the next N cells (seed, method, variant) not yet in --out (default: all)")
     p.add_argument("--table-only", action="store_true", help="print the table of an existing results file")
+    p.add_argument("--write", metavar="README.md",
+                   help="with --table-only: also replace each budget's table between the markers "
+                        "<!-- sphere-study-BUDGET:start/end --> in this file")
     args = p.parse_args(argv)
     if args.cells is not None and args.cells < 0:
         p.error("--cells must be >= 0")
@@ -92,7 +107,10 @@ def main(argv=None) -> int:
     results = json.load(open(args.out)) if os.path.exists(args.out) else []
     if args.table_only:
         for budget in sorted({r["budget"] for r in results}):
-            print(f"budget {budget}:\n{table([r for r in results if r['budget'] == budget])}\n")
+            text = table([r for r in results if r["budget"] == budget])
+            print(f"budget {budget}:\n{text}\n")
+            if args.write:
+                write_between_markers(args.write, f"sphere-study-{budget}", text)
         return 0
     cells = todo(results, args.budget, args.seeds, args.methods, args.variants)[:args.cells]
     print(f"[study] budget {args.budget}: {len(cells)} cell(s) to run: "

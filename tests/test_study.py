@@ -59,3 +59,9 @@ def test_cells_appends_the_next_missing_cells(tmp_path, monkeypatch, capsys):
     assert study.main(["--out", str(out), "--table-only"]) == 0
     text = capsys.readouterr().out
     assert "budget tiny" in text and "| simclr |" in text and "(n=1)" in text
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- sphere-study-tiny:start -->\nold\n<!-- sphere-study-tiny:end -->\nrest\n")
+    assert study.main(["--out", str(out), "--table-only", "--write", str(readme)]) == 0
+    doc = readme.read_text()
+    assert "old" not in doc and doc.startswith("intro\n") and doc.endswith("rest\n")
+    assert study.table(json.loads(out.read_text())) in doc
