@@ -24,12 +24,12 @@ GPU=(--device cuda model.channels_last=true run.precision=bf16)
 failed=0
 run() { "$@" && return 0; echo "benchmarks/gpu.sh: FAILED: $*" >&2; failed=$((failed + 1)); return 1; }
 
-run $PY -m ssl_sphere.bench augment --device cuda --sizes 32,96,224 --batch 512 --repeats 30 --max-seconds 8 \
+run $PY benchmarks/bench.py augment --device cuda --sizes 32,96,224 --batch 512 --repeats 30 --max-seconds 8 \
   --data-root "$DATA" --json --out $R/gpu_augment.json
 # headline step numbers: the configs/cifar10 recipes (batch 512, their queue / heads), no --profile (its
 # per-phase device syncs would slow the ssl_sphere pipeline only)
 for m in simclr moco byol; do
-  run $PY -m ssl_sphere.bench step --config configs/cifar10/$m.yaml --method $m --steps 30 --warmup 5 \
+  run $PY benchmarks/bench.py step --config configs/cifar10/$m.yaml --method $m --steps 30 --warmup 5 \
     --compare-lightly --workers 16 --data-root "$DATA" "${GPU[@]}" --json --out $R/gpu_step_$m.json
 done
 
@@ -48,11 +48,11 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a $R/gpu_epoch.txt
 
 # where the time goes (synchronised phases; slower than the headline run by construction)
-run $PY -m ssl_sphere.bench step --config configs/cifar10/moco_sec.yaml --method moco --sec --steps 20 --warmup 5 \
+run $PY benchmarks/bench.py step --config configs/cifar10/moco_sec.yaml --method moco --sec --steps 20 --warmup 5 \
   --profile --data-root "$DATA" "${GPU[@]}" --json --out $R/gpu_step_moco_sec_profile.json
 # torch.compile (the backbone; the warm-up steps include the compilation)
 for m in simclr moco byol; do
-  run $PY -m ssl_sphere.bench step --config configs/cifar10/$m.yaml --method $m --steps 20 --warmup 8 \
+  run $PY benchmarks/bench.py step --config configs/cifar10/$m.yaml --method $m --steps 20 --warmup 8 \
     --data-root "$DATA" "${GPU[@]}" model.compile=true --json --out $R/gpu_step_${m}_compile.json
 done
 run $PY benchmarks/make_table.py --prefix gpu_ --write

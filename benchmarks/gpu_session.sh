@@ -40,7 +40,7 @@ mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PA
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 - <<'EOF' || exit 3
 import sys, torch, torchvision, kornia, lightly, omegaconf, sklearn, tensorboard
-import ssl_sphere.train, ssl_sphere.bench
+import ssl_sphere.train; sys.path.insert(0, "benchmarks"); import bench
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| torchvision", torchvision.__version__,
       "| kornia", kornia.__version__, "| lightly", lightly.__version__, "| cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")

@@ -208,6 +208,11 @@ def blur_matrices(sigma: torch.Tensor, size: int, k: int) -> torch.Tensor:
     return m.scatter_add_(2, pos.expand(b, size, k), w.view(b, 1, k).expand(b, size, k))
 
 
+def blur_kernel_size(side: int) -> int:
+    """The odd Gaussian kernel side, about 10% of the image side (SimCLR Appendix A), at least 3."""
+    return max(3, int(0.1 * side) // 2 * 2 + 1)
+
+
 def blur(x: torch.Tensor, p, sigma: Sequence[float]) -> torch.Tensor:
     """x: (B, C, H, W). Gaussian blur with probability p (float or (B,) per sample),
     sigma ~ U(sigma) per sample; kernel ~10% of the image side, odd (SimCLR Appendix A),
@@ -215,13 +220,13 @@ def blur(x: torch.Tensor, p, sigma: Sequence[float]) -> torch.Tensor:
 
     Written as two batched matmuls with per-sample (side x side) blur matrices (identity
     for samples not blurred) instead of kornia's grouped convolution: with a different
-    kernel per sample, kornia's conv has B*C groups of tiny work, which oneDNN runs at
-    ~1.5 GMAC/s on CPU; the dense matmuls do ~S/k times the arithmetic and still measured
-    1.5-2x faster (96 px: 94 vs 181 ms, 224 px: 174 vs 254 ms for 1536/384 planes), and
-    need no separate torch.where pass for the samples left sharp."""
+    kernel per sample, kornia's conv has B*C groups of tiny work that oneDNN runs slowly on
+    a CPU; the dense matmuls do ~S/k times the arithmetic, are still faster there
+    (benchmarks/README.md has the numbers), and need no separate torch.where pass for the
+    samples left sharp."""
     b, c, h, w = x.shape
     dev, dt = x.device, x.dtype
-    k = max(3, int(0.1 * w) // 2 * 2 + 1)
+    k = blur_kernel_size(w)
     s = _uniform(b, sigma[0], sigma[1], dev).to(dt)
     on = (torch.rand(b, device=dev) < p).view(-1, 1, 1)
 
@@ -257,9 +262,6 @@ class Augmenter(nn.Module):
         self.aug, self.size = aug, image_size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
     @torch.no_grad()
     def augment(self, x: torch.Tensor, indices: Sequence[int] = (0, 1)) -> torch.Tensor:
@@ -329,11 +331,20 @@ class Augmenter(nn.Module):
         both = self.augment(x, (0, 1))
         return both[: x.shape[0]], both[x.shape[0]:]
 
-    @torch.no_grad()
     def eval_transform(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) uint8 -> normalised float, resized to ``size`` if needed; no augmentation."""
-        _check_uint8(x)
-        y = x.float().div_(255)
-        if y.shape[-1] != self.size or y.shape[-2] != self.size:
-            y = F.interpolate(y, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return self.normalize(y)
+        return eval_transform(x, self.size, self.mean, self.std)
+
+
+@torch.no_grad()
+def eval_transform(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """The evaluation input: x (B, 3, H, W) uint8 -> (B, 3, size, size) float in [0, 1], resized
+    (bilinear, antialiased) only if H, W != size, then normalised per channel. mean, std: (3,)
+    sequences or tensors broadcastable to (1, 3, 1, 1), in [0, 1] units."""
+    _check_uint8(x)
+    y = x.float().div_(255)
+    if y.shape[-1] != size or y.shape[-2] != size:
+        y = F.interpolate(y, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.as_tensor(mean, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
+    return (y - mean) / std

@@ -220,7 +220,8 @@ def load_imagefolder(root: str, image_size: int, workers: int = 0) -> DataSplits
     train_dir = r / "train"
     test_dir = next((r / s for s in ("test", "val") if (r / s).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
-        raise DataError(f"'{root}' needs train/ and test/ (or val/) subfolders, each holding <class>/ folders of images")
+        raise DataError(f"'{root}' needs train/ and test/ (or val/) subfolders, each holding <class>/ folders "
+                        "of images")
     tr_paths, tr_labels, classes = _list_folder(train_dir, None)
     te_paths, te_labels, _ = _list_folder(test_dir, classes)
     n = len(tr_paths) + len(te_paths)
@@ -292,6 +293,21 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, start: int = 0
     """Yield this rank's (batch_size,) index tensors of ``epoch`` from batch ``start`` on.
     Each rank takes a disjoint slice of every global batch."""
     perm = epoch_permutation(n, seed, epoch)
-    gb = batch_size * world
+    global_batch = batch_size * world
     for i in range(start, steps_per_epoch(n, batch_size, world)):
-        yield perm[i * gb + rank * batch_size: i * gb + (rank + 1) * batch_size]
+        yield perm[i * global_batch + rank * batch_size: i * global_batch + (rank + 1) * batch_size]
+
+
+def step_batches(n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
+                 world: int = 1) -> Iterator[Tuple[int, torch.Tensor]]:
+    """(step, this rank's (batch_size,) indices) for the global steps start <= step < stop,
+    across epoch boundaries: step s is batch s % steps_per_epoch of epoch s // steps_per_epoch,
+    so a run resumed at any step sees exactly the batches it would have seen."""
+    per_epoch = steps_per_epoch(n, batch_size, world)
+    step = start
+    while step < stop:
+        for idx in epoch_batches(n, batch_size, seed, step // per_epoch, step % per_epoch, rank, world):
+            yield step, idx
+            step += 1
+            if step >= stop:
+                return

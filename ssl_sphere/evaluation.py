@@ -283,7 +283,7 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     momentum 0.9, ``epochs`` passes over a fresh permutation each, lr decayed to 0
     by a per-step cosine, weight decay on the weights only, no augmentation
     (features are cached once). Defaults: 100 epochs, batch 512, lr 0.1, no weight
-    decay (about 10 s for 50k x 512 features on 2 CPU cores).
+    decay.
 
     Deterministic: the only randomness is the epoch permutations, drawn from a
     generator seeded with ``seed`` (same seed, inputs and device -> same result).

@@ -73,6 +73,10 @@ class KnnMonitor:
     """kNN top-1/top-5 of backbone features: bank = (capped, stratified) train
     split, queries = (capped) test split, eval transform only.
 
+    Keeps the run's first result (``start``: the random-init baseline of a fresh run),
+    the best top-1 so far and the last result with its step; the checkpointer saves
+    start and best.
+
     Under DDP every rank calls it: each extracts features for its round-robin
     shard of bank and queries, the shards are gathered so the bank is the whole
     (capped) train split on every rank, and no rank waits on another's solo work."""
@@ -84,17 +88,24 @@ class KnnMonitor:
         self.bank_x, self.bank_y = splits.bank.images[bi], splits.bank.labels[bi]
         self.test_x, self.test_y = splits.test.images[ti], splits.test.labels[ti]
         self.num_classes = splits.num_classes
+        self.start: Optional[float] = None
         self.best = float("-inf")
+        self.last: Dict[str, float] = {}
 
-    def __call__(self, model) -> Dict[str, float]:
+    def __call__(self, model, step: int) -> Dict[str, float]:
+        """Evaluate ``model`` (anything with ``features``) at training step ``step``."""
         t0 = time.perf_counter()
         c = self.cfg
         r, w = dist.rank(), dist.world_size()
-        fb = extract_features(model, self.bank_x[r::w], c.batch_size, self.device, self.transform)
-        ft = extract_features(model, self.test_x[r::w], c.batch_size, self.device, self.transform)
-        fb, ft = dist.gather_sharded(fb, len(self.bank_y)), dist.gather_sharded(ft, len(self.test_y))
-        res = knn_accuracy(fb, self.bank_y, ft, self.test_y, c.knn_k, c.knn_temperature, self.num_classes)
+        bank = extract_features(model, self.bank_x[r::w], c.batch_size, self.device, self.transform)
+        queries = extract_features(model, self.test_x[r::w], c.batch_size, self.device, self.transform)
+        bank = dist.gather_sharded(bank, len(self.bank_y))
+        queries = dist.gather_sharded(queries, len(self.test_y))
+        res = knn_accuracy(bank, self.bank_y, queries, self.test_y, c.knn_k, c.knn_temperature, self.num_classes)
+        if self.start is None:
+            self.start = res["knn_top1"]
         self.best = max(self.best, res["knn_top1"])
         res["knn_best_top1"] = self.best
         res["knn_seconds"] = time.perf_counter() - t0
+        self.last = dict(res, step=step)
         return res

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import config as C
+from . import config
 
 EPILOG = """\
 Any config field can be set with trailing key=value overrides, e.g.
@@ -50,28 +50,30 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--method", choices=C.METHOD_CHOICES, help="pretraining method (default: moco)")
+    p.add_argument("--method", choices=config.METHOD_CHOICES, help="pretraining method (default: moco)")
     p.add_argument("--sec", action="store_true", help="add the batch-mean spherical embedding constraint (SEC)")
     p.add_argument("--sec-weight", type=float, metavar="ETA", help="SEC weight eta (implies --sec; default 0.1)")
     p.add_argument("--sec-ema", type=float, metavar="RHO",
                    help="EMA variant of SEC: mu_t = (1-RHO) mu_{t-1} + RHO * batch mean, RHO in (0, 1] (implies --sec)")
     p.add_argument("--see", action="store_true",
-                   help="spherical embedding expansion (MoCo: synthetic negatives; SimCLR: auxiliary InfoNCE); see.* keys")
+                   help="spherical embedding expansion (MoCo: synthetic negatives; SimCLR: auxiliary InfoNCE); "
+                        "see.* keys")
     p.add_argument("--vmf", action="store_true",
                    help="auxiliary vMF loss on spherical k-means pseudo-classes (vmf.k, vmf.kappa, vmf.weight, ...)")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML recipe (see configs/)")
-    p.add_argument("--dataset", choices=C.DATASET_CHOICES, help="dataset (default: digits, embedded, no download)")
+    p.add_argument("--dataset", choices=config.DATASET_CHOICES, help="dataset (default: digits, embedded, no download)")
     p.add_argument("--data-root", metavar="DIR",
                    help="dataset directory; imagefolder: DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg")
-    p.add_argument("--download", action="store_true", help="download cifar10/cifar100/stl10 if missing (needs internet)")
-    p.add_argument("--backbone", choices=C.BACKBONE_CHOICES,
+    p.add_argument("--download", action="store_true",
+                   help="download cifar10/cifar100/stl10 if missing (needs internet)")
+    p.add_argument("--backbone", choices=config.BACKBONE_CHOICES,
                    help="encoder (default auto: tiny CPU convnet for digits, resnet18 otherwise)")
     p.add_argument("--epochs", type=int, metavar="N", help="training epochs (sets the lr/momentum schedules)")
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N optimiser steps (schedules still span --epochs); for smoke runs")
     p.add_argument("--batch-size", type=int, metavar="N", help="batch size per process")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 0.06 x batch / 128)")
-    p.add_argument("--device", choices=C.DEVICE_CHOICES, help="training device (default auto: cuda if available)")
+    p.add_argument("--device", choices=config.DEVICE_CHOICES, help="training device (default auto: cuda if available)")
     p.add_argument("--output-dir", metavar="DIR", help="parent of run directories (default: runs/)")
     p.add_argument("--run-name", metavar="NAME",
                    help="run directory name (default: <dataset>_<method>[_sec]_s<seed>; -2, -3, ... if taken)")
@@ -82,55 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _nest(flat: Dict[str, Any]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in flat.items():
-        section, field = key.split(".")
-        out.setdefault(section, {})[field] = value
-    return out
-
-
-def config_layers(args: argparse.Namespace) -> List[Tuple[Any, str]]:
-    """The user's layers in precedence order: (values, where they came from)."""
-    layers: List[Tuple[Any, str]] = []
-    if getattr(args, "config", None):
-        layers.append((C.load_yaml(args.config), f"config file {args.config}"))
+def flag_values(args: argparse.Namespace) -> Dict[str, Any]:
+    """The config values the command-line flags set: {'section.key': value}."""
     flat = {FLAG_KEYS[k]: v for k, v in vars(args).items() if k in FLAG_KEYS}
     if getattr(args, "sec", False) or "sec_weight" in vars(args) or "sec_ema" in vars(args):
         flat["sec.enabled"] = True
     for flag, key in (("download", "data.download"), ("see", "see.enabled"), ("vmf", "vmf.enabled")):
         if getattr(args, flag, False):
             flat[key] = True
-    if flat:
-        layers.append((_nest(flat), "command-line flags"))
-    for item in getattr(args, "overrides", []):
-        if "=" not in item:
-            raise C.ConfigError(f"cannot read '{item}': overrides are written section.key=value, "
-                                f"e.g. method.temperature=0.2")
-        layers.append((OmegaConf.from_dotlist([item]), f"override '{item}'"))
-    return layers
-
-
-def compose(layers: Sequence[Tuple[Any, str]], base: Optional[DictConfig] = None) -> DictConfig:
-    cfg = base if base is not None else C.structured()
-    for values, where in layers:
-        cfg = C.merge(cfg, values, where)
-    return cfg
+    return flat
 
 
 def build_config(argv: Optional[Sequence[str]] = None) -> DictConfig:
     """Parse argv into a resolved config; on --resume the checkpoint's config is the
     base and only what the user gave on this command line is applied on top."""
     from . import checkpoint
-    from .train import choose_run_dir
+    from .run import choose_run_dir
 
     args = build_parser().parse_intermixed_args(argv)
-    layers = config_layers(args)
-    cfg = C.resolve(compose(layers))
+    layers = dict(config_file=getattr(args, "config", None), values=flag_values(args),
+                  overrides=getattr(args, "overrides", []))
+    cfg = config.resolve(config.layered(**layers))
     _, ckpt_path = choose_run_dir(cfg)
     if ckpt_path is not None:
-        saved = C.from_container(checkpoint.load(ckpt_path)["config"], f"checkpoint {ckpt_path}")
-        resumed = C.resolve(compose(layers, saved))
+        saved = config.from_container(checkpoint.load(ckpt_path)["config"], f"checkpoint {ckpt_path}")
+        resumed = config.resolve(config.layered(**layers, base=saved))
         resumed.run.resume = ckpt_path
         changed = _diff(saved, resumed, ignore={"run.resume"})
         if changed:
@@ -156,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = build_config(argv)
         train(cfg)
-    except (C.ConfigError, DataError, NonFiniteLoss, FileNotFoundError) as exc:
+    except (config.ConfigError, DataError, NonFiniteLoss, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""Hypersphere tools: the spherical embedding constraint (SEC) and norm statistics.
+"""Hypersphere regularisers and their geometry: SEC, SEE (simplex centres, expansion), the vMF loss
+module with spherical k-means, and embedding-norm statistics.
 
 SEC (Zhang, Li, Zhang, "Deep Metric Learning with Spherical Embedding",
 NeurIPS 2020, Sec. 3.2): for raw embeddings f_i, mu = mean_i ||f_i|| (no

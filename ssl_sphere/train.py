@@ -1,146 +1,32 @@
-"""The training loop: the only place that knows DDP, AMP, logging and checkpoints."""
+"""The training loop, the only module that knows DDP, AMP, logging and checkpoints: one
+optimisation step (``TrainStep``) and ``train()``, a sequence of named phases."""
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import sys
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
-import numpy as np
 import torch
-from lightly.models.utils import get_weight_decay_parameters
-from lightly.utils.lars import LARS
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import checkpoint, dist
 from .augment import Augmenter
-from .backbones import build_backbone
-from .config import ConfigError, to_container
-from .data import DataSplits, epoch_batches, load_data, steps_per_epoch
+from .checkpointer import Checkpointer, NonFiniteLoss
+from .data import DataSplits, load_data, step_batches, steps_per_epoch
 from .evaluation import alignment_uniformity, extract_features, stratified_subset
-from .methods import Method, build_method
+from .methods import Method
+from .model import SSLModel, build_model, refresh_vmf
 from .monitor import KnnMonitor, RunLogger
-from .sphere import SEC, VMF, norm_stats
+from .optim import build_optimizer, lr_at, set_lr
+from .run import choose_run_dir, resolve_device, seed_everything
+
+__all__ = ["Plan", "TrainStep", "train", "bf16_enabled", "place_images", "NonFiniteLoss", "build_model"]
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class Pretrainer(nn.Module):
-    """A method plus the optional SEC and vMF regularisers: one module, one state_dict
-    (weights, EMA copies, queue, SEC's running mean, vMF means/pseudo-labels together)."""
-
-    def __init__(self, method: Method, sec: Optional[SEC], vmf: Optional[VMF] = None):
-        super().__init__()
-        self.method, self.sec, self.vmf = method, sec, vmf
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, progress: float, idx: Optional[torch.Tensor] = None):
-        """x1, x2: (B, 3, H, W) views; idx: (B,) dataset indices (needed by vMF).
-        Returns (total loss, method loss, logs of device scalars, raw embeddings)."""
-        out = self.method(x1, x2)
-        logs = dict(out.logs)
-        logs.update(norm_stats(out.embeddings))
-        total = out.loss
-        if self.sec is not None:
-            sec_term, sec_logs = self.sec(out.embeddings, progress)
-            total = total + sec_term
-            logs.update(sec_logs)
-        if self.vmf is not None:
-            vmf_term, vmf_logs = self.vmf(out.embeddings, idx)
-            total = total + vmf_term
-            logs.update(vmf_logs)
-        return total, out.loss, logs, out.embeddings
-
-
-def build_model(cfg: DictConfig, n_train: int = 0) -> Pretrainer:
-    """n_train: training-set size (vMF keeps one pseudo-label per image)."""
-    backbone, fdim = build_backbone(cfg.model.backbone, cfg.model.small_images)
-    method = build_method(cfg.method, backbone, fdim, cfg.see)
-    sec = SEC(cfg.sec.weight, cfg.sec.ema, cfg.sec.ramp) if cfg.sec.enabled else None
-    vmf = None
-    if cfg.vmf.enabled:
-        if cfg.vmf.k > n_train:
-            raise ConfigError(f"invalid value for 'vmf.k': {cfg.vmf.k} pseudo-classes but only {n_train} training images")
-        vmf = VMF(cfg.vmf.k, cfg.method.proj_dim, n_train, cfg.vmf.kappa, cfg.vmf.weight)
-    return Pretrainer(method, sec, vmf)
-
-
-def build_model_on(cfg: DictConfig, n_train: int, device: torch.device, world: int = 1) -> Pretrainer:
-    """build_model on ``device`` in the training memory format (SyncBatchNorm across ranks if asked)."""
-    model = build_model(cfg, n_train).to(device)
-    if world > 1 and cfg.model.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def sphere_pictures(logger: RunLogger, emb: torch.Tensor, step: int, two_views: bool) -> None:
-    """Norm histogram of the raw embeddings of the last batch, and the alignment /
-    uniformity of their normalised two views (Wang & Isola 2020)."""
-    emb = emb.detach().float()
-    logger.histogram("embeddings/norm", emb.norm(dim=1), step)
-    if two_views:
-        z1, z2 = emb.chunk(2)
-        logger.log(step, alignment_uniformity(z1, z2), "sphere")
-
-
-def projector_snapshot(logger: RunLogger, method: Method, splits: DataSplits, transform, device, step: int,
-                       n: int = 300) -> None:
-    """TensorBoard projector: backbone features of n stratified test images, labels, thumbnails."""
-    idx = stratified_subset(splits.test.labels, n, seed=0)
-    images = splits.test.images[idx]
-    feats = extract_features(method, images, 256, device, transform)
-    names = [splits.classes[int(y)] if y >= 0 else "?" for y in splits.test.labels[idx]]
-    logger.projector(feats, names, images, step)
-
-
-class EmbedView(nn.Module):
-    """Presents a method's loss-space embedding (``embed``) as ``features`` for extract_features."""
-
-    def __init__(self, method: Method):
-        super().__init__()
-        self.method = method
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.embed(x)
-
-
-@torch.no_grad()
-def refresh_vmf(model: Pretrainer, images: torch.Tensor, transform, cfg: DictConfig, device, seed: int) -> None:
-    """vMF "global structure learning": embed the whole training set with the momentum
-    (or eval-mode) encoder, eval transform only, sharded over ranks, then spherical
-    k-means -> mean directions + pseudo-labels (identical on every rank: same inputs, same seed)."""
-    r, w = dist.rank(), dist.world_size()
-    emb = extract_features(EmbedView(model.method), images[r::w], cfg.eval.batch_size, device, transform)
-    model.vmf.refresh(dist.gather_sharded(emb, images.shape[0]), seed)
-
-
-def lr_at(step: int, total: int, warmup: int, lr: float, min_ratio: float = 0.0) -> float:
-    """Linear warmup from lr/warmup to lr over ``warmup`` steps, then half-cosine to lr*min_ratio."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
-
-
-def build_optimizer(model: nn.Module, ocfg) -> torch.optim.Optimizer:
-    """Weight decay on weights only: norm layers and biases are excluded (lightly's split)."""
-    decay, no_decay = get_weight_decay_parameters([model])
-    groups = [
-        {"params": [p for p in decay if p.requires_grad], "weight_decay": ocfg.weight_decay},
-        {"params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0},
-    ]
-    if ocfg.optimizer == "lars":
-        # LARS skips its trust ratio for groups with weight_decay 0 (norms, biases)
-        return LARS(groups, lr=ocfg.lr, momentum=ocfg.momentum, trust_coefficient=ocfg.lars_eta)
-    return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum)
-
-
+# ----------------------------------------------------------------------------- the step
 def bf16_enabled(cfg: DictConfig, device: torch.device) -> bool:
     return cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
 
@@ -158,10 +44,10 @@ def place_images(images: torch.Tensor, cfg: DictConfig, device: torch.device) ->
 class TrainStep:
     """One optimisation step of the pretraining loop: lr schedule -> batch indexing ->
     augmentation -> forward (method + SEC + vMF, bf16 autocast where enabled) ->
-    non-finite flag -> backward -> optimiser -> method.after_step. train() and
-    ``ssl_sphere.bench step`` both run this object, so the benchmark times the loop's code.
+    non-finite flag -> backward -> optimiser -> method.after_step. train() and the step
+    benchmark (benchmarks/bench.py) both run this object, so the benchmark times the loop's code.
 
-    forward: the Pretrainer or its DDP wrapper; images: from place_images. ``first_bad`` is
+    forward: the SSLModel or its DDP wrapper; images: from place_images. ``first_bad`` is
     a device scalar holding the first step with a non-finite loss (-1: none), updated
     without a host sync; the caller reads it when it logs."""
 
@@ -192,14 +78,13 @@ class TrainStep:
             v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
         return v1, v2
 
-    def __call__(self, step: int, idx: torch.Tensor, mark=None):
+    def __call__(self, step: int, idx: torch.Tensor, mark: Optional[Callable[[str], None]] = None):
         """idx: (B,) CPU indices of this rank's batch. mark(name), if given, is called after each
         phase (the benchmark's profiler). Returns (loss, method_loss, logs, embeddings, lr)."""
         cfg, device, optimizer = self.cfg, self.device, self.optimizer
         mark = mark or (lambda name: None)
         lr = lr_at(step, self.total, self.warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(optimizer, lr)
         idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
         x = self.batch(idx, idx_dev)
         mark("batch_index")
@@ -219,210 +104,235 @@ class TrainStep:
         return loss, method_loss, logs, emb, lr
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
+# ----------------------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class Plan:
+    """The run's length in optimiser steps. total: the schedules' length (epochs x steps per
+    epoch); stop: where this run stops (optim.max_steps, schedules unchanged)."""
+
+    steps_per_epoch: int
+    total: int
+    stop: int
+    warmup: int
+
+    @classmethod
+    def of(cls, cfg: DictConfig, n_train: int, world: int) -> "Plan":
+        per_epoch = steps_per_epoch(n_train, cfg.optim.batch_size, world)
+        total = cfg.optim.epochs * per_epoch
+        return cls(per_epoch, total, min(total, cfg.optim.max_steps or total),
+                   int(round(cfg.optim.warmup_epochs * per_epoch)))
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+@dataclass
+class Run:
+    """What the phases of one training run share."""
+
+    cfg: DictConfig
+    run_dir: str
+    device: torch.device
+    main: bool
+    plan: Plan
+    splits: DataSplits
+    aug: Augmenter
+    model: SSLModel
+    step_fn: TrainStep
+    logger: RunLogger
+    monitor: Optional[KnnMonitor]
+    checkpointer: Checkpointer
+    bar: object = None  # tqdm progress bar on rank 0 (run.progress)
+
+    def say(self, message: str) -> None:
+        if self.main:
+            print(message)
 
 
-def default_run_name(cfg: DictConfig) -> str:
-    return f"{cfg.data.dataset}_{cfg.method.name}{'_sec' if cfg.sec.enabled else ''}_s{cfg.run.seed}"
-
-
-def choose_run_dir(cfg: DictConfig) -> tuple[str, Optional[str]]:
-    """(run_dir, checkpoint to resume or None).
-
-    A fresh run takes the first of <name>, <name>-2, <name>-3, ... that does not
-    exist, so work already saved is never overwritten; ``resume: auto`` picks the
-    newest of those that holds a last.pt (or starts fresh if none does)."""
-    r = cfg.run
-    if r.resume not in (None, "auto"):
-        return os.path.dirname(os.path.abspath(r.resume)), r.resume
-    name = r.run_name or default_run_name(cfg)
-    i, latest = 1, None
-    while True:
-        d = os.path.join(r.output_dir, name if i == 1 else f"{name}-{i}")
-        if not os.path.isdir(d):
-            break
-        if os.path.isfile(os.path.join(d, "last.pt")):
-            latest = d
-        i += 1
-    if r.resume == "auto" and latest is not None:
-        return latest, os.path.join(latest, "last.pt")
-    return d, None
-
-
-def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, float]:
-    """Pretrain as configured (cfg already resolved). Returns a summary dict.
-    splits: already loaded data for cfg.data (studies reuse one decode across runs)."""
+def setup_process(cfg: DictConfig) -> tuple[torch.device, int, int]:
+    """The training device and, under torchrun, the process group: (device, rank, world)."""
     device = resolve_device(cfg.run.device)
     dist.setup(device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    rank, world = dist.rank(), dist.world_size()
-    main = rank == 0
+    return device, dist.rank(), dist.world_size()
 
-    run_dir, resume_path = dist.broadcast_object(choose_run_dir(cfg) if main else None)
+
+def open_run_dir(cfg: DictConfig) -> tuple[str, Optional[dict]]:
+    """Rank 0 chooses the run directory (and the checkpoint to resume) for every rank; the
+    config records where the run lives."""
+    run_dir, resume_path = dist.broadcast_object(choose_run_dir(cfg) if dist.is_main() else None)
     cfg.run.run_name = os.path.basename(run_dir)
     cfg.run.output_dir = os.path.dirname(run_dir)
-    ckpt = checkpoint.load(resume_path) if resume_path else None
+    return run_dir, (checkpoint.load(resume_path) if resume_path else None)
 
-    seed_everything(cfg.run.seed + rank)
-    splits = splits if splits is not None else load_data(cfg.data)
-    n = len(splits.train)
-    spe = steps_per_epoch(n, cfg.optim.batch_size, world)
-    total = cfg.optim.epochs * spe
-    stop = min(total, cfg.optim.max_steps or total)
-    warmup = int(round(cfg.optim.warmup_epochs * spe))
 
-    aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std).to(device)
-    model = build_model_on(cfg, n, device, world)
-    optimizer = build_optimizer(model, cfg.optim)
+def record_normalisation(cfg: DictConfig, splits: DataSplits) -> None:
+    """Resolve data.mean / data.std to the statistics the run normalises with, so config.yaml and
+    every checkpoint say what a user of the pretrained network must feed it."""
+    cfg.data.mean, cfg.data.std = [float(v) for v in splits.mean], [float(v) for v in splits.std]
 
-    start_step, start_knn = 0, None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step, start_knn = int(ckpt["step"]), ckpt.get("start_knn_top1")
-    method = model.method
-    if cfg.model.compile:
-        method.backbone.compile()
-    ddp = model
-    if world > 1:
-        # DDP broadcasts rank 0's parameters and buffers (weights, EMA copies, queue) at
-        # construction, so every rank starts identical despite per-rank seeds.
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    images, on_device = place_images(splits.train.images, cfg, device)
-    run_step = TrainStep(ddp, method, optimizer, aug, images, on_device, cfg, total, warmup, device)
-
+def open_logs(cfg: DictConfig, run_dir: str, main: bool, purge_step: Optional[int]) -> RunLogger:
+    """The run directory with its config.yaml (rank 0), TensorBoard events and metrics.jsonl."""
     os.makedirs(run_dir, exist_ok=True)
     if main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(OmegaConf.to_yaml(cfg))
-    logger = RunLogger(run_dir, active=main, purge_step=start_step if ckpt is not None else None)
+    return RunLogger(run_dir, active=main, purge_step=purge_step)
+
+
+def announce(run: Run, start: int, resumed: bool) -> None:
+    cfg, plan, splits = run.cfg, run.plan, run.splits
+    run.say(f"[ssl_sphere] run dir {run.run_dir} | {cfg.method.name}{' +SEC' if cfg.sec.enabled else ''} | "
+            f"{splits.name}: {len(splits.train)} train / {len(splits.test)} test images | {cfg.model.backbone} | "
+            f"device {run.device}{' bf16' if run.step_fn.use_bf16 else ''} | {plan.steps_per_epoch} steps/epoch, "
+            f"{plan.total} total" + (f", stopping at {plan.stop}" if plan.stop < plan.total else "")
+            + (f" | resumed at step {start}" if resumed else ""))
+
+
+def evaluate(run: Run, step: int) -> None:
+    """kNN monitor -> TensorBoard, metrics.jsonl and one console line."""
+    res = run.monitor(run.model.method, step)
+    run.logger.log(step, res, "eval", epoch=step / run.plan.steps_per_epoch)
+    run.say(f"[ssl_sphere] step {step} (epoch {step / run.plan.steps_per_epoch:.2f}): kNN top-1 "
+            f"{res['knn_top1']:.2f}% top-5 {res['knn_top5']:.2f}% ({res['knn_seconds']:.1f}s)")
+
+
+def log_step(run: Run, step: int, loss, method_loss, logs: Dict[str, torch.Tensor], lr: float) -> None:
+    """Scalars of step ``step`` to TensorBoard / metrics.jsonl and the progress bar (one host sync)."""
+    vals = run.logger.log(step, {"loss": loss.detach(), "method_loss": method_loss.detach(), "lr": lr, **logs},
+                          "train", epoch=step / run.plan.steps_per_epoch)
+    if run.bar is not None:
+        post = {"loss": f"{vals['loss']:.3f}", "lr": f"{lr:.3g}",
+                "norm": f"{vals['norm_mean']:.2f}±{vals['norm_std']:.2f}"}
+        if "sec_loss" in vals:
+            post["sec"] = f"{vals['sec_loss']:.3g}"
+        run.bar.set_postfix(post, refresh=False)
+
+
+def log_sphere_stats(logger: RunLogger, emb: torch.Tensor, step: int, two_views: bool) -> None:
+    """Norm histogram of the raw embeddings of the last batch, and the alignment /
+    uniformity of their normalised two views (Wang & Isola 2020)."""
+    emb = emb.detach().float()
+    logger.histogram("embeddings/norm", emb.norm(dim=1), step)
+    if two_views:
+        z1, z2 = emb.chunk(2)
+        logger.log(step, alignment_uniformity(z1, z2), "sphere")
+
+
+def end_of_epoch(run: Run, step: int, emb: torch.Tensor) -> None:
+    """Embedding statistics, the kNN monitor when due, and last.pt (+ epoch_XXXX.pt when due)."""
+    cfg = run.cfg
+    epoch = step // run.plan.steps_per_epoch
+    run.checkpointer.check_finite(run.step_fn.first_bad)
+    log_sphere_stats(run.logger, emb, step, two_views=cfg.method.name != "moco" or cfg.method.symmetric)
+    if run.monitor is not None and epoch % cfg.eval.every_epochs == 0:
+        evaluate(run, step)
+    every = cfg.run.ckpt_every_epochs
+    run.checkpointer.save(step, periodic=bool(every) and epoch % every == 0)
+
+
+def projector_snapshot(run: Run, step: int, n: int = 300) -> None:
+    """TensorBoard projector: backbone features of n stratified test images, labels, thumbnails."""
+    test = run.splits.test
+    idx = stratified_subset(test.labels, n, seed=0)
+    images = test.images[idx]
+    feats = extract_features(run.model.method, images, 256, run.device, run.aug.eval_transform)
+    names = [run.splits.classes[int(y)] if y >= 0 else "?" for y in test.labels[idx]]
+    run.logger.projector(feats, names, images, step)
+
+
+def loop(run: Run, start: int) -> int:
+    """Optimisation steps start..plan.stop-1 (vMF refresh, step, log, end of epoch); returns the last step."""
+    cfg, plan, model, step_fn = run.cfg, run.plan, run.model, run.step_fn
+    step = start
+    for step_i, idx in step_batches(len(run.splits.train), cfg.optim.batch_size, cfg.run.seed, start, plan.stop,
+                                    dist.rank(), dist.world_size()):
+        epoch, pos = divmod(step_i, plan.steps_per_epoch)
+        if model.vmf is not None and ((step_i == start and not bool(model.vmf.initialised))
+                                      or (pos == 0 and epoch % cfg.vmf.refresh_epochs == 0)):
+            refresh_vmf(model, run.splits.train.images, run.aug.eval_transform, cfg, run.device,
+                        seed=cfg.run.seed + epoch)
+        loss, method_loss, logs, emb, lr = step_fn(step_i, idx)
+        step = step_i + 1
+        if step % cfg.run.log_every == 0 or step == plan.stop:
+            run.checkpointer.check_finite(step_fn.first_bad)  # every rank stops together
+            log_step(run, step, loss, method_loss, logs, lr)
+        if run.bar is not None:
+            run.bar.update(1)
+        if step % plan.steps_per_epoch == 0:
+            end_of_epoch(run, step, emb)
+    return step
+
+
+def finish(run: Run, step: int) -> Dict[str, object]:
+    """The final kNN evaluation and checkpoint where the last epoch end did not already make
+    them, the projector snapshot, and the run's summary."""
+    run.checkpointer.check_finite(run.step_fn.first_bad)
+    if run.monitor is not None and run.monitor.last.get("step") != step:
+        evaluate(run, step)
+    if run.checkpointer.last_saved_step != step:
+        run.checkpointer.save(step)
+    if run.main and run.monitor is not None:
+        projector_snapshot(run, step)
+    summary: Dict[str, object] = {"step": step, "run_dir": run.run_dir}
+    if run.monitor is not None and run.monitor.last:
+        last = run.monitor.last
+        summary.update(knn_top1=last["knn_top1"], knn_top5=last["knn_top5"], start_knn_top1=run.monitor.start)
+    return summary
+
+
+def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, object]:
+    """Pretrain as configured (cfg already resolved). Returns a summary dict.
+    splits: already loaded data for cfg.data (studies reuse one decode across runs)."""
+    # set up the run
+    device, rank, world = setup_process(cfg)
+    main = rank == 0
+    run_dir, ckpt = open_run_dir(cfg)
+    seed_everything(cfg.run.seed + rank)
+    splits = splits if splits is not None else load_data(cfg.data)
+    record_normalisation(cfg, splits)
+    plan = Plan.of(cfg, len(splits.train), world)
+
+    # build
+    aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std).to(device)
+    model = build_model(cfg, len(splits.train), device, world)
+    optimizer = build_optimizer(model, cfg.optim)
     monitor = KnnMonitor(splits, aug.eval_transform, cfg.eval, device, cfg.run.seed) if cfg.eval.every_epochs else None
-    if ckpt is not None:
-        if world == 1 and ckpt.get("world_size", 1) == 1:
-            checkpoint.set_rng_state(ckpt["rng"])  # exact continuation
-        else:
-            # the checkpoint holds rank 0's RNG only: give each rank a fresh stream for this step
-            seed_everything(cfg.run.seed + 1000003 * start_step + rank)
-        if monitor is not None and ckpt.get("best_knn_top1") is not None:
-            monitor.best = ckpt["best_knn_top1"]
+    checkpointer = Checkpointer(run_dir, cfg, model, optimizer, monitor, plan.steps_per_epoch, world, main)
 
-    use_bf16 = run_step.use_bf16
-    say = print if main else (lambda *a, **k: None)
-    say(f"[ssl_sphere] run dir {run_dir} | {cfg.method.name}{' +SEC' if cfg.sec.enabled else ''} | "
-        f"{splits.name}: {n} train / {len(splits.test)} test images | {cfg.model.backbone} | device {device}"
-        f"{' bf16' if use_bf16 else ''} | {spe} steps/epoch, {total} total" + (f", stopping at {stop}" if stop < total else "")
-        + (f" | resumed at step {start_step}" if ckpt is not None else ""))
+    # resume (weights before compile and the DDP wrapper; DDP then broadcasts rank 0's state)
+    start = checkpointer.restore(ckpt, rank) if ckpt is not None else 0
+    if cfg.model.compile:
+        model.method.backbone.compile()
+    wrapped = model
+    if world > 1:
+        # DDP broadcasts rank 0's parameters and buffers (weights, EMA copies, queue) at
+        # construction, so every rank starts identical despite per-rank seeds.
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    images, on_device = place_images(splits.train.images, cfg, device)
+    step_fn = TrainStep(wrapped, model.method, optimizer, aug, images, on_device, cfg, plan.total, plan.warmup, device)
+    logger = open_logs(cfg, run_dir, main, purge_step=start if ckpt is not None else None)
+    run = Run(cfg, run_dir, device, main, plan, splits, aug, model, step_fn, logger, monitor, checkpointer)
+    announce(run, start, resumed=ckpt is not None)
 
-    state = {"last_saved_step": start_step if ckpt is not None else None, "knn": {}}
-
-    def payload(step: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "epoch": step / spe, "rng": checkpoint.rng_state(), "config": to_container(cfg),
-                "start_knn_top1": start_knn, "best_knn_top1": monitor.best if monitor and monitor.best > -1 else None,
-                "world_size": world, "version": 1}
-
-    def save(step: int, periodic: bool = False) -> None:
-        if main:
-            checkpoint.save(os.path.join(run_dir, "last.pt"), payload(step))
-            if periodic:
-                checkpoint.save(os.path.join(run_dir, f"epoch_{step // spe:04d}.pt"), payload(step))
-        state["last_saved_step"] = step
-
-    def evaluate(step: int) -> None:
-        nonlocal start_knn
-        if monitor is None:
-            return
-        res = monitor(method)
-        if start_knn is None:
-            start_knn = res["knn_top1"]
-        logger.log(step, res, "eval", epoch=step / spe)
-        state["knn"] = dict(res, step=step)
-        say(f"[ssl_sphere] step {step} (epoch {step / spe:.2f}): kNN top-1 {res['knn_top1']:.2f}% "
-            f"top-5 {res['knn_top5']:.2f}% ({res['knn_seconds']:.1f}s)")
-
-    if start_step == 0 and monitor is not None:
-        evaluate(0)  # random-init baseline
-
-    bar = None
+    # loop over steps, finish
+    if start == 0 and monitor is not None:
+        evaluate(run, 0)  # random-init baseline
     if main and cfg.run.progress:
         from tqdm import tqdm
-        bar = tqdm(total=stop, initial=start_step, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
 
-    def check_finite() -> None:
-        bad = int(dist.all_reduce_max(run_step.first_bad).item())  # every rank stops together
-        if bad >= 0:
-            where = (f"last good checkpoint: {os.path.join(run_dir, 'last.pt')} (step {state['last_saved_step']})"
-                     if state["last_saved_step"] is not None else "no checkpoint was written yet")
-            raise NonFiniteLoss(
-                f"non-finite loss at step {bad}; stopping. {where}. Lower --lr or sec.weight, or resume with "
-                f"--resume from the checkpoint."
-            )
-
-    step = start_step
+        run.bar = tqdm(total=plan.stop, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
     model.train()
     try:
-        while step < stop:
-            epoch, pos = divmod(step, spe)
-            if model.vmf is not None and (not bool(model.vmf.initialised) or (pos == 0 and epoch % cfg.vmf.refresh_epochs == 0)):
-                refresh_vmf(model, splits.train.images, aug.eval_transform, cfg, device, seed=cfg.run.seed + epoch)
-            logs, emb = {}, None
-            for idx in epoch_batches(n, cfg.optim.batch_size, cfg.run.seed, epoch, pos, rank, world):
-                loss, method_loss, logs, emb, lr = run_step(step, idx)
-                step += 1
-                if step % cfg.run.log_every == 0 or step == stop:
-                    check_finite()
-                    vals = logger.log(step, {"loss": loss.detach(), "method_loss": method_loss.detach(), "lr": lr, **logs},
-                                      "train", epoch=step / spe)
-                    if bar is not None:
-                        post = {"loss": f"{vals['loss']:.3f}", "lr": f"{lr:.3g}",
-                                "norm": f"{vals['norm_mean']:.2f}±{vals['norm_std']:.2f}"}
-                        if "sec_loss" in vals:
-                            post["sec"] = f"{vals['sec_loss']:.3g}"
-                        bar.set_postfix(post, refresh=False)
-                if bar is not None:
-                    bar.update(1)
-                if step >= stop:
-                    break
-            epoch_done = step % spe == 0
-            check_finite()
-            if epoch_done:
-                done_epochs = step // spe
-                if emb is not None:
-                    sphere_pictures(logger, emb, step, two_views=cfg.method.name != "moco" or cfg.method.symmetric)
-                if monitor is not None and done_epochs % cfg.eval.every_epochs == 0:
-                    evaluate(step)
-                every = cfg.run.ckpt_every_epochs
-                save(step, periodic=bool(every) and done_epochs % every == 0)
-        check_finite()
-        if monitor is not None and state["knn"].get("step") != step:
-            evaluate(step)
-        if state["last_saved_step"] != step:
-            save(step)
-        if main and monitor is not None:
-            projector_snapshot(logger, method, splits, aug.eval_transform, device, step)
+        step = loop(run, start)
+        summary = finish(run, step)
     finally:
-        if bar is not None:
-            bar.close()
+        if run.bar is not None:
+            run.bar.close()
         logger.close()
     dist.barrier()
-    summary = {"step": step, "run_dir": run_dir}
-    if state["knn"]:
-        summary.update(knn_top1=state["knn"]["knn_top1"], knn_top5=state["knn"]["knn_top5"], start_knn_top1=start_knn)
-        say(f"[ssl_sphere] kNN top-1: {start_knn:.2f}% at start -> {state['knn']['knn_top1']:.2f}% at step {step}")
-    say(f"[ssl_sphere] checkpoint: {os.path.join(run_dir, 'last.pt')}")
+    if "knn_top1" in summary:
+        run.say(f"[ssl_sphere] kNN top-1: {summary['start_knn_top1']:.2f}% at start -> "
+                f"{summary['knn_top1']:.2f}% at step {step}")
+    run.say(f"[ssl_sphere] checkpoint: {checkpointer.last_path}")
     return summary

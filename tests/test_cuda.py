@@ -19,8 +19,10 @@ from ssl_sphere import checkpoint
 from ssl_sphere.augment import Augmenter
 from ssl_sphere.data import epoch_batches, load_digits
 from ssl_sphere.evaluation import extract_features, knn_scores, linear_probe
+from ssl_sphere.model import build_model
+from ssl_sphere.optim import build_optimizer
 from ssl_sphere.pretrain import build_config
-from ssl_sphere.train import TrainStep, build_model_on, build_optimizer, place_images, train
+from ssl_sphere.train import TrainStep, place_images, train
 
 from .conftest import requires_cuda
 
@@ -40,7 +42,7 @@ def _step(cfg, images, mean, std, on_device=None):
         cfg.data.on_device = "yes" if on_device else "no"
     placed, dev_flag = place_images(images, cfg, CUDA)
     aug = Augmenter(cfg.aug, cfg.data.image_size, mean, std).to(CUDA)
-    model = build_model_on(cfg, images.shape[0], CUDA)
+    model = build_model(cfg, images.shape[0], CUDA)
     opt = build_optimizer(model, cfg.optim)
     if cfg.model.compile:
         model.method.backbone.compile()
@@ -153,7 +155,7 @@ def test_augment_cuda_equals_cpu_under_the_same_draws(host_draws, method, size):
 def test_eval_transform_and_features_cuda_match_cpu(digits):
     cfg = _cfg("--method", "simclr")
     torch.manual_seed(0)
-    model = build_model_on(cfg, 0, torch.device("cpu"))
+    model = build_model(cfg, 0, torch.device("cpu"))
     aug = Augmenter(cfg.aug, 32, digits.mean, digits.std)
     x = digits.test.images[:200]
     f_cpu = extract_features(model.method, x, 64, torch.device("cpu"), aug.eval_transform)

@@ -27,7 +27,8 @@ def run(tmp_path, *argv):
 
 def test_cli_smoke_run_writes_everything(tmp_path):
     cmd = [sys.executable, "-m", "ssl_sphere.pretrain", "--method", "moco", "--sec", "--output-dir", str(tmp_path),
-           "--max-steps", "3", "--batch-size", "128", "eval.bank_size=300", "eval.test_size=100", "run.log_every=1", *FAST]
+           "--max-steps", "3", "--batch-size", "128", "eval.bank_size=300", "eval.test_size=100", "run.log_every=1",
+           *FAST]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     run_dir = tmp_path / "digits_moco_sec_s0"

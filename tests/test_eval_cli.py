@@ -43,7 +43,7 @@ def in_process(name, *argv):
     mod = load_cli(name)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = mod.common.run(mod.main, [str(a) for a in argv])
+        rc = mod.main([str(a) for a in argv])
     return rc, out.getvalue(), err.getvalue()
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ssl_sphere.config import resolve, structured
-from ssl_sphere.methods import METHODS, StepOutput, cosine_momentum
-from ssl_sphere.train import build_model, build_optimizer, lr_at
+from ssl_sphere.methods import METHODS, StepOutput
+from ssl_sphere.model import build_model
+from ssl_sphere.optim import build_optimizer, cosine_momentum, lr_at
 
 
 def make_cfg(method, **over):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from torch import nn
+
+from ..optim import cosine_momentum
 
 
 @dataclass
@@ -20,13 +21,6 @@ class StepOutput:
     loss: torch.Tensor
     embeddings: torch.Tensor
     logs: Dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def cosine_momentum(progress: float, base: float, final: float) -> float:
-    """EMA momentum from ``base`` to ``final`` along a half cosine of training
-    progress in [0, 1] (BYOL, Grill et al. 2020, Sec. 3.2: tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2)."""
-    p = min(max(progress, 0.0), 1.0)
-    return final - (final - base) * (math.cos(math.pi * p) + 1) / 2
 
 
 class Method(nn.Module):

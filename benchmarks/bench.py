@@ -1,9 +1,9 @@
 """Benchmark harness: augmentation throughput and training-step throughput.
 
-    python -m ssl_sphere.bench augment [--device cpu|cuda|auto] [--sizes 32,96,224] [--batch 256] [--repeats N] [--json]
-    python -m ssl_sphere.bench step --method {simclr,moco,byol} [--config RECIPE.yaml] [--backbone resnet18] [--batch 128] [--image-size 32]
-        [--sec] [--device ...] [--steps 5] [--warmup 1] [--profile] [--compare-lightly] [--threads N] [--json]
-        [--out FILE.json] [section.key=value ...]
+    python benchmarks/bench.py augment [--device cpu|cuda|auto] [--sizes 32,96,224] [--batch 256] [--repeats N] [--json]
+    python benchmarks/bench.py step --method {simclr,moco,byol} [--config RECIPE.yaml] [--backbone resnet18]
+        [--batch 128] [--image-size 32] [--sec] [--device ...] [--steps 5] [--warmup 1] [--profile]
+        [--compare-lightly] [--threads N] [--json] [--out FILE.json] [section.key=value ...]
 
 ``augment`` times two SimCLR views of one uint8 batch per image size for
   * ``ssl_sphere``: our :class:`ssl_sphere.augment.Augmenter` (simclr config; blur p 0.5 for sizes > 64 as the recipes),
@@ -14,7 +14,7 @@ Input images are uint8 (B, 3, S, S) and the output views are S x S (crop scale 0
 conversion is inside the timed region for the two batched pipelines; PIL images are built beforehand (no
 JPEG decoding is timed for anyone).
 
-``step`` times the full ssl_sphere training step -- uint8 batch indexing -> Augmenter.views -> Pretrainer
+``step`` times the full ssl_sphere training step -- uint8 batch indexing -> Augmenter.views -> SSLModel
 forward (method + SEC) -> backward -> optimiser step -> after_step, i.e. ``train.TrainStep``, the object the
 training loop calls -- against a backbone-only step (same backbone architecture, forward/backward of the same two
 view batches with ``sum`` of the features as the loss, same optimiser type and parameter groups). MoCo and BYOL
@@ -43,13 +43,22 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import nn
+from reference_pipelines import LightlyStep, kornia_stock, lightly_view_transform, to_pil
 
-from .train import resolve_device
+from ssl_sphere.augment import Augmenter, blur_kernel_size
+from ssl_sphere.backbones import build_backbone
+from ssl_sphere.data import IMAGE_EXTENSIONS, decode_images, epoch_batches, load_imagefolder, steps_per_epoch
+from ssl_sphere.model import build_model, refresh_vmf
+from ssl_sphere.optim import build_optimizer
+from ssl_sphere.pretrain import build_config
+from ssl_sphere.run import resolve_device
+from ssl_sphere.train import TrainStep, bf16_enabled, place_images
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-DEFAULT_DATA = Path(os.environ.get("SSL_SPHERE_CIFAR10", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"))
+# the CIFAR-10 image folder beside the checkout (../shared/data/cifar10), or $SSL_SPHERE_CIFAR10
+DEFAULT_DATA = Path(os.environ.get("SSL_SPHERE_CIFAR10",
+                                   Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"))
 AUG_PIPELINES = ("ssl_sphere", "kornia_stock", "torchvision_cpu")
 
 
@@ -128,8 +137,6 @@ def run_round_robin(fns: Dict[str, Callable[[], None]], device: torch.device, wa
 # ----------------------------------------------------------------------------- data
 def folder_paths(root: Path, n: int) -> List[str]:
     """``n`` image paths of ROOT/train/<class>/*, strided evenly over the (class-sorted) listing."""
-    from .data import IMAGE_EXTENSIONS
-
     paths = []
     for d in sorted(p for p in (root / "train").iterdir() if p.is_dir()):
         paths += [str(d / f) for f in sorted(os.listdir(d)) if f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -147,8 +154,6 @@ def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 def sample_images(n: int, size: int, data: str, root: Path) -> Tuple[torch.Tensor, str]:
     """(n, 3, size, size) uint8 images: decoded from the CIFAR-10 folder (resize short side + centre crop,
     as ssl_sphere.data does; CIFAR's 32 px images are upsampled for larger sizes), or random pixels."""
-    from .data import decode_images
-
     if data == "auto" and (root / "train").is_dir():
         paths = folder_paths(root, n)
         imgs = decode_images(paths, size, workers=min(2, os.cpu_count() or 1))
@@ -163,14 +168,13 @@ def train_images(size: int, data: str, root: Path, need: int) -> Tuple[torch.Ten
     """Training images for the step benchmark: the whole CIFAR-10 folder through
     ssl_sphere.data.load_imagefolder when it fits in 2 GiB at ``size``, otherwise an evenly
     strided subset of ``max(need, 10000)`` images, or random images. Returns (images, mean, std, source)."""
-    from .data import load_imagefolder
-
     if data == "auto" and (root / "train").is_dir():
         n_files = sum(len(os.listdir(d)) for d in (root / "train").iterdir() if d.is_dir())
         if n_files * 3 * size * size <= 2 * 2**30:
             t = time.perf_counter()
             ds = load_imagefolder(str(root), size)
-            src = f"cifar10 folder {root} via load_imagefolder ({len(ds.train)} train images, {time.perf_counter() - t:.0f}s to decode)"
+            src = (f"cifar10 folder {root} via load_imagefolder ({len(ds.train)} train images, "
+                   f"{time.perf_counter() - t:.0f}s to decode)")
             return ds.train.images, ds.mean, ds.std, src
         imgs, src = sample_images(max(need, 10000), size, data, root)
         return imgs, CIFAR_MEAN, CIFAR_STD, src + " (subset: the whole folder would not fit 2 GiB at this size)"
@@ -178,59 +182,10 @@ def train_images(size: int, data: str, root: Path, need: int) -> Tuple[torch.Ten
     return imgs, CIFAR_MEAN, CIFAR_STD, src
 
 
-def to_pil(images: torch.Tensor) -> list:
-    from PIL import Image
-
-    arr = images.permute(0, 2, 3, 1).contiguous().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
 # ----------------------------------------------------------------------------- augment
 def simclr_aug_cfg(size: int):
     """The resolved ``aug`` section of the simclr config at ``size`` (blur p 0 at <= 64 px, else 0.5)."""
-    from .pretrain import build_config
-
     return build_config(["--method", "simclr", f"data.image_size={size}", "eval.every_epochs=0"]).aug
-
-
-def blur_kernel(size: int) -> int:
-    """The odd kernel side ~10% of the image that ssl_sphere.augment.blur uses."""
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
-
-
-def kornia_stock(a, size: int, mean, std, device) -> nn.Module:
-    """Stock Kornia SimCLR views with default options. ColorJitter (not ColorJiggle) is kornia 0.9's
-    class with torchvision's formulas (hue: HSV shift)."""
-    import kornia.augmentation as K
-
-    ops = [
-        K.RandomResizedCrop((size, size), scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio)),
-        K.RandomHorizontalFlip(p=a.hflip_p),
-        K.ColorJitter(a.brightness, a.contrast, a.saturation, a.hue, p=a.jitter_p),
-        K.RandomGrayscale(p=a.grayscale_p),
-    ]
-    if a.blur_p[0] > 0:
-        k = blur_kernel(size)
-        ops.append(K.RandomGaussianBlur((k, k), tuple(a.blur_sigma), p=a.blur_p[0]))
-    ops.append(K.Normalize(torch.tensor(mean), torch.tensor(std)))
-    return K.AugmentationSequential(*ops).to(device)
-
-
-def lightly_view_transform(method: str, a, size: int, mean, std):
-    """lightly's per-sample two-view transform for ``method`` with the parameters of our aug config."""
-    from lightly.transforms import BYOLTransform, MoCoV2Transform, SimCLRTransform
-    from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
-
-    common = dict(input_size=size, cj_prob=a.jitter_p, cj_strength=1.0, cj_bright=a.brightness,
-                  cj_contrast=a.contrast, cj_sat=a.saturation, cj_hue=a.hue, min_scale=a.crop_scale[0],
-                  random_gray_scale=a.grayscale_p, sigmas=tuple(a.blur_sigma), hf_prob=a.hflip_p,
-                  normalize={"mean": list(mean), "std": list(std)})
-    if method == "byol":
-        return BYOLTransform(
-            view_1_transform=BYOLView1Transform(gaussian_blur=a.blur_p[0], solarization_prob=a.solarize_p[0], **common),
-            view_2_transform=BYOLView2Transform(gaussian_blur=a.blur_p[1], solarization_prob=a.solarize_p[1], **common))
-    cls = MoCoV2Transform if method == "moco" else SimCLRTransform
-    return cls(gaussian_blur=a.blur_p[0], **common)
 
 
 class _Threads:
@@ -249,8 +204,6 @@ class _Threads:
 
 def bench_augment_size(size: int, batch: int, device: torch.device, data: str, root: Path, warmup: int,
                        repeats: int, budget_s: float, pipelines: Sequence[str]) -> Tuple[Dict, Dict]:
-    from .augment import Augmenter
-
     a = simclr_aug_cfg(size)
     images, src = sample_images(batch, size, data, root)
     x = images.to(device)
@@ -285,7 +238,7 @@ def bench_augment_size(size: int, batch: int, device: torch.device, data: str, r
     result = {"device": device.type, "image_size": size, "batch": batch, "views_per_s": vps}
     extra = {"data": src, "repeats": {k: len(t) for k, t in times.items()},
              "median_s": {k: statistics.median(t) for k, t in times.items()},
-             "blur_p": a.blur_p[0], "blur_kernel": blur_kernel(size) if a.blur_p[0] > 0 else None}
+             "blur_p": a.blur_p[0], "blur_kernel": blur_kernel_size(size) if a.blur_p[0] > 0 else None}
     return result, extra
 
 
@@ -328,8 +281,6 @@ def augment_main(args) -> List[Dict]:
 
 # ----------------------------------------------------------------------------- step
 def step_config(args):
-    from .pretrain import build_config
-
     # a recipe (--config) supplies its own backbone / batch; explicit flags still win
     recipe = ["--config", args.config] if args.config else []
     backbone = args.backbone or (None if args.config else "resnet18")
@@ -345,15 +296,11 @@ class PipelineStep:
     build_optimizer, place_images, Augmenter), fed with the loop's batch order."""
 
     def __init__(self, cfg, images: torch.Tensor, mean, std, device: torch.device, total: int):
-        from .augment import Augmenter
-        from .data import epoch_batches, steps_per_epoch
-        from .train import TrainStep, build_model_on, build_optimizer, place_images
-
         self.cfg, self.device = cfg, device
         self.n = images.shape[0]
         placed, on_device = place_images(images, cfg, device)
         self.aug = Augmenter(cfg.aug, cfg.data.image_size, mean, std).to(device)
-        self.model = build_model_on(cfg, self.n, device)
+        self.model = build_model(cfg, self.n, device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         if cfg.model.compile:
             self.model.method.backbone.compile()
@@ -366,8 +313,6 @@ class PipelineStep:
         self._batches = iter(())
         self.phases: Optional[Dict[str, List[float]]] = None
         if getattr(self.model, "vmf", None) is not None:  # per-epoch refresh, outside the timed steps as in train.py
-            from .train import refresh_vmf
-
             refresh_vmf(self.model, images, self.aug.eval_transform, cfg, device, seed=cfg.run.seed)
         self.model.train()
 
@@ -405,9 +350,6 @@ class BackboneStep:
     ``ema_forward``: also a no-grad forward of an EMA copy on both views (MoCo / BYOL floor)."""
 
     def __init__(self, cfg, views: Tuple[torch.Tensor, torch.Tensor], device: torch.device, ema_forward: bool):
-        from .backbones import build_backbone
-        from .train import bf16_enabled, build_optimizer
-
         backbone, _ = build_backbone(cfg.model.backbone, cfg.model.small_images)
         self.backbone = backbone.to(device)
         if cfg.model.channels_last:
@@ -434,97 +376,6 @@ class BackboneStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-
-
-class LightlyStep:
-    """lightly's reference pipeline: per-sample transforms in DataLoader workers, lightly heads,
-    losses and update_momentum (as in lightly's examples), same backbone and optimiser settings."""
-
-    def __init__(self, cfg, images: torch.Tensor, mean, std, device: torch.device, n_batches: int, workers: int):
-        from lightly.loss import NegativeCosineSimilarity, NTXentLoss
-        from lightly.models.modules.heads import (BYOLPredictionHead, BYOLProjectionHead, MoCoProjectionHead,
-                                                  SimCLRProjectionHead)
-        from lightly.models.utils import deactivate_requires_grad, update_momentum
-        from lightly.utils.scheduler import cosine_schedule
-
-        from .backbones import build_backbone
-
-        m = cfg.method
-        self.name, self.device, self.update_momentum, self.cosine_schedule = m.name, device, update_momentum, cosine_schedule
-        backbone, fdim = build_backbone(cfg.model.backbone, cfg.model.small_images)
-        if m.name == "simclr":
-            self.online = nn.Sequential(backbone, SimCLRProjectionHead(fdim, m.proj_hidden_dim, m.proj_dim))
-            self.criterion = NTXentLoss(temperature=m.temperature)
-            self.target = self.predictor = None
-        elif m.name == "moco":
-            self.online = nn.Sequential(backbone, MoCoProjectionHead(fdim, m.proj_hidden_dim, m.proj_dim))
-            self.criterion = NTXentLoss(temperature=m.temperature, memory_bank_size=(m.queue_size, m.proj_dim))
-            self.predictor = None
-        else:
-            self.online = nn.Sequential(backbone, BYOLProjectionHead(fdim, m.proj_hidden_dim, m.proj_dim))
-            self.predictor = BYOLPredictionHead(m.proj_dim, m.pred_hidden_dim, m.proj_dim).to(device)
-            self.criterion = NegativeCosineSimilarity()
-        self.online = self.online.to(device)
-        if m.name != "simclr":
-            self.target = copy.deepcopy(self.online)
-            deactivate_requires_grad(self.target)
-        params = list(self.online.parameters()) + (list(self.predictor.parameters()) if self.predictor else [])
-        self.optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                         weight_decay=cfg.optim.weight_decay)
-        self.m0, self.m1 = m.momentum, m.momentum_final
-        self.symmetric = m.symmetric
-        self.total = 1000
-        self.step_i = 0
-
-        transform = lightly_view_transform(m.name, cfg.aug, cfg.data.image_size, mean, std)
-        pil = to_pil(images[: n_batches * cfg.optim.batch_size])
-        self.loader = torch.utils.data.DataLoader(
-            _PILDataset(pil, transform), batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
-            num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
-        self.it = iter(self.loader)
-
-    def __call__(self) -> None:
-        try:
-            (x0, x1), _ = next(self.it)
-        except StopIteration:
-            self.it = iter(self.loader)
-            (x0, x1), _ = next(self.it)
-        x0, x1 = x0.to(self.device, non_blocking=True), x1.to(self.device, non_blocking=True)
-        if self.name == "simclr":
-            loss = self.criterion(self.online(x0), self.online(x1))
-        elif self.name == "moco":
-            q0 = self.online(x0)
-            with torch.no_grad():
-                k1 = self.target(x1)
-            if self.symmetric:
-                q1 = self.online(x1)
-                with torch.no_grad():
-                    k0 = self.target(x0)
-                loss = self.criterion(q0, k1) + self.criterion(q1, k0)
-            else:
-                loss = self.criterion(q0, k1)
-        else:
-            p0, p1 = self.predictor(self.online(x0)), self.predictor(self.online(x1))
-            with torch.no_grad():
-                z0, z1 = self.target(x0), self.target(x1)
-            loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.target is not None:
-            self.update_momentum(self.online, self.target, self.cosine_schedule(self.step_i, self.total, self.m0, self.m1))
-        self.step_i += 1
-
-
-class _PILDataset(torch.utils.data.Dataset):
-    def __init__(self, images: list, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.transform(self.images[i]), 0
 
 
 def step_main(args) -> Dict:
@@ -557,7 +408,8 @@ def step_main(args) -> Dict:
     load_mid = load_avg()
     if args.compare_lightly:
         workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
-        say(f"# lightly reference: {type(lightly_view_transform(cfg.method.name, cfg.aug, cfg.data.image_size, mean, std)).__name__} "
+        transform = lightly_view_transform(cfg.method.name, cfg.aug, cfg.data.image_size, mean, std)
+        say(f"# lightly reference: {type(transform).__name__} "
             f"per sample in a DataLoader with {workers} workers, lightly heads + loss + update_momentum")
         del fns, pipe  # free memory before the next model
         lstep = LightlyStep(cfg, images, mean, std, device, n_calls, workers)
@@ -614,7 +466,7 @@ def tuning_env() -> Dict[str, str]:
 
 def write_record(path: str, kind: str, results: List[Dict], extras: List[Dict]) -> None:
     """A JSON record: command line, machine, versions, load averages, and the results (the --json lines)."""
-    rec = {"kind": kind, "command": "python -m ssl_sphere.bench " + " ".join(_COMMAND),
+    rec = {"kind": kind, "command": "python benchmarks/bench.py " + " ".join(_COMMAND),
            "machine": machine(), "versions": versions(), "env": tuning_env(), "load_avg_start": _LOAD_AT_START,
            "load_avg_end": load_avg(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "results": results, "details": extras}
@@ -628,14 +480,16 @@ def write_record(path: str, kind: str, results: List[Dict], extras: List[Dict]) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ssl_sphere.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: cuda if available")
+        q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="default auto: cuda if available")
         q.add_argument("--json", action="store_true", help="print the result as JSON on the last stdout line(s)")
-        q.add_argument("--out", metavar="FILE.json", help="also write a record (command, machine, versions, load, results)")
+        q.add_argument("--out", metavar="FILE.json",
+                       help="also write a record (command, machine, versions, load, results)")
         q.add_argument("--data", default="auto", choices=("auto", "random"),
                        help="auto: the CIFAR-10 image folder if present, else random uint8 images")
         q.add_argument("--data-root", default=str(DEFAULT_DATA), metavar="DIR",
@@ -644,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--warmup", type=int, default=2,
                        help="untimed warm-up calls per pipeline (default: augment 2, step 1)")
 
-    a = sub.add_parser("augment", help="views/s of two SimCLR views: ssl_sphere vs stock Kornia vs torchvision (lightly)",
+    a = sub.add_parser("augment",
+                       help="views/s of two SimCLR views: ssl_sphere vs stock Kornia vs torchvision (lightly)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(a)
     a.add_argument("--sizes", default="32", help="comma-separated image sizes (default 32; e.g. 32,96,224)")
@@ -670,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the phases of the ssl_sphere step (index, augment, forward, backward, optimizer, "
                         "after_step); adds a device sync per phase")
     s.add_argument("--compare-lightly", action="store_true", help="also time lightly's reference pipeline")
-    s.add_argument("--workers", type=int, default=None, help="DataLoader workers for --compare-lightly (default: cpu count)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers for --compare-lightly (default: cpu count)")
     s.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides (after the options), e.g. model.channels_last=true method.queue_size=4096")
     return p

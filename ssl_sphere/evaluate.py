@@ -1,10 +1,6 @@
-"""Shared code of the offline evaluation CLIs (eval/knn.py, eval/linear.py).
-
-Builds the model from a checkpoint (its saved, resolved config + strict
-state_dict load) or at random initialisation (config built like pretraining),
-loads the labelled splits, takes deterministic stratified subsets and extracts
-frozen backbone features with the eval transform (no augmentation).
-"""
+"""What the offline evaluation CLIs (ssl_sphere.knn, ssl_sphere.linear) share: their common flags,
+the model from a checkpoint or at random initialisation, the labelled splits and their frozen
+features (or features saved earlier), the report, and the one error path (exit code 2)."""
 
 from __future__ import annotations
 
@@ -14,16 +10,17 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # `python eval/knn.py` from a checkout without `pip install -e .`
-    sys.path.insert(0, REPO)
+import torch
 
-import torch  # noqa: E402
-
-from ssl_sphere import config as C  # noqa: E402
-from ssl_sphere.data import DataError  # noqa: E402
+from . import checkpoint, config
+from .augment import eval_transform
+from .data import DataError, Split, load_data
+from .evaluation import extract_features, stratified_subset
+from .model import SSLModel, build_model, model_from_checkpoint
+from .run import resolve_device
 
 
 class EvalError(RuntimeError):
@@ -40,10 +37,10 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGr
     src.add_argument("--features", metavar="FILE.pt",
                      help="evaluate features saved earlier with --save-features (no model, no images)")
     p.add_argument("--config", metavar="FILE.yaml", help="with --random-init: YAML recipe for the model and data")
-    p.add_argument("--backbone", choices=C.BACKBONE_CHOICES,
+    p.add_argument("--backbone", choices=config.BACKBONE_CHOICES,
                    help="with --random-init: encoder (default as pretraining: tiny for digits, resnet18 "
                         "otherwise); with --checkpoint it must be the backbone the checkpoint was trained with")
-    p.add_argument("--dataset", choices=C.DATASET_CHOICES,
+    p.add_argument("--dataset", choices=config.DATASET_CHOICES,
                    help="dataset (default: the checkpoint's; digits with --random-init)")
     p.add_argument("--data-root", metavar="DIR",
                    help="dataset directory (imagefolder: DIR/train/<class>/*, DIR/test/<class>/*)")
@@ -52,7 +49,7 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGr
     p.add_argument("--limit-test", type=int, metavar="M", help="use a class-stratified subset of M test images")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="feature extraction batch size (default: the config's eval.batch_size, 512)")
-    p.add_argument("--device", choices=C.DEVICE_CHOICES, default="auto",
+    p.add_argument("--device", choices=config.DEVICE_CHOICES, default="auto",
                    help="device (default auto: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets and of --random-init weights (default 0)")
     p.add_argument("--save-features", metavar="FILE.pt",
@@ -63,46 +60,34 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGr
     return src
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def device_of(args: argparse.Namespace) -> torch.device:
+    try:
+        return resolve_device(args.device)
+    except config.ConfigError as exc:
+        raise EvalError(str(exc)) from None
+
+
 # ----------------------------------------------------------------------------- model + config
 def _random_init_config(args: argparse.Namespace):
-    layers: List = []
-    if args.config:
-        layers.append((C.load_yaml(args.config), f"config file {args.config}"))
-    flat: Dict[str, Any] = {}
-    if args.dataset:
-        flat["data.dataset"] = args.dataset
-    if args.data_root:
-        flat["data.root"] = args.data_root
-    if args.backbone:
-        flat["model.backbone"] = args.backbone
-    if flat:
-        nested: Dict[str, Dict[str, Any]] = {}
-        for key, value in flat.items():
-            section, field = key.split(".")
-            nested.setdefault(section, {})[field] = value
-        layers.append((nested, "command-line flags"))
-    cfg = C.structured()
-    for values, where in layers:
-        cfg = C.merge(cfg, values, where)
-    cfg = C.apply_overrides(cfg, args.overrides)
-    return C.resolve(cfg)
+    flags = {"data.dataset": args.dataset, "data.root": args.data_root, "model.backbone": args.backbone}
+    return config.resolve(config.layered(args.config, {k: v for k, v in flags.items() if v}, args.overrides))
 
 
 def _checkpoint_config(args: argparse.Namespace, ckpt: Dict[str, Any], path: str):
+    """The checkpoint's saved config, pointed at the data the user asked for."""
     if args.config or args.overrides:
         raise EvalError("--config and key=value overrides only apply with --random-init; a checkpoint's model "
                         "is built from the config saved in it")
     try:
-        cfg = C.from_container(ckpt["config"], f"checkpoint {path}")
-    except C.ConfigError as exc:
+        cfg = config.from_container(ckpt["config"], f"checkpoint {path}")
+    except config.ConfigError as exc:
         raise EvalError(f"{path}: its saved config does not fit this version of ssl_sphere: "
-                        f"{_first_line(exc)}") from None
-    trained_backbone = cfg.model.backbone
+                        f"{first_line(exc)}") from None
     if "train_limit" in cfg.data:  # a pretraining subset: the kNN bank / probe train set is the whole train split
         cfg.data.train_limit = None
     if args.dataset and args.dataset != cfg.data.dataset:
@@ -114,73 +99,48 @@ def _checkpoint_config(args: argparse.Namespace, ckpt: Dict[str, Any], path: str
         cfg.data.std = None
         cfg.data.download = False
     if args.data_root:
-        cfg.data.root = args.data_root  # same kind of data elsewhere: keep the trained image size
+        cfg.data.root = args.data_root  # same kind of data elsewhere: keep the trained image size and statistics
     if args.backbone and args.backbone != "auto":
         cfg.model.backbone = args.backbone
-    return C.resolve(cfg), trained_backbone
-
-
-def _n_train(cfg, state: Optional[Dict[str, Any]] = None) -> int:
-    """The training-set size build_model needs (vMF keeps one pseudo-label per image):
-    read from the checkpoint's vMF buffer; for --random-init any size >= vmf.k will do
-    (the buffer does not take part in the features)."""
-    if state is not None and torch.is_tensor(state.get("vmf.labels")):
-        return int(state["vmf.labels"].shape[0])
-    vmf = cfg.get("vmf") if hasattr(cfg, "get") else None
-    return int(vmf.k) if vmf is not None and vmf.get("enabled") else 0
+    return config.resolve(cfg)
 
 
 @dataclass
 class Loaded:
     cfg: Any
-    model: Any  # ssl_sphere.train.Pretrainer
+    model: SSLModel
     checkpoint: Optional[str]
     device: torch.device
 
 
 def load_model(args: argparse.Namespace) -> Loaded:
-    if args.checkpoint and not os.path.isfile(args.checkpoint):  # before the slow imports
+    """The model of --checkpoint (its saved config + strict weights) or of --random-init."""
+    if args.checkpoint and not os.path.isfile(args.checkpoint):  # before the slow parts
         raise EvalError(f"checkpoint not found: {args.checkpoint}")
-    from ssl_sphere import checkpoint as ckpt_io
-    from ssl_sphere.train import build_model, resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as exc:
-        raise EvalError(str(exc)) from None
+    device = device_of(args)
     if args.random_init:
         cfg = _random_init_config(args)
         torch.manual_seed(args.seed)
-        model = build_model(cfg, _n_train(cfg))
+        # vMF keeps one pseudo-label per training image; any size >= vmf.k will do for features
+        model = build_model(cfg, cfg.vmf.k if cfg.vmf.enabled else 0)
         return Loaded(cfg, model.to(device), None, device)
 
     path = args.checkpoint
     try:
-        ckpt = ckpt_io.load(path)
+        ckpt = checkpoint.load(path)
     except FileNotFoundError:
         raise EvalError(f"checkpoint not found: {path}") from None
     except RuntimeError as exc:
-        raise EvalError(_first_line(exc)) from None
+        raise EvalError(first_line(exc)) from None
     if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
         raise EvalError(f"{path} is not an ssl_sphere checkpoint (its 'model'/'config' entries are not mappings)")
-    cfg, trained_backbone = _checkpoint_config(args, ckpt, path)
+    cfg = _checkpoint_config(args, ckpt, path)
     try:
-        model = build_model(cfg, _n_train(cfg, ckpt["model"]))
-    except ValueError as exc:
-        raise EvalError(f"cannot build the model of {path}: {_first_line(exc)}") from None
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as exc:
-        if cfg.model.backbone != trained_backbone:
-            raise EvalError(
-                f"the weights in {path} do not fit backbone '{cfg.model.backbone}': the checkpoint was trained "
-                f"with backbone '{trained_backbone}'; drop --backbone (or pass --backbone {trained_backbone})"
-            ) from None
-        detail = _first_line(exc).replace("Error(s) in loading state_dict for Pretrainer:", "").strip()
-        raise EvalError(
-            f"the weights in {path} do not fit the model built from its saved config (backbone "
-            f"'{trained_backbone}'): {detail or 'state_dict mismatch'}"
-        ) from None
+        model = model_from_checkpoint(ckpt, path, cfg)
+    except config.ConfigError as exc:
+        trained = ckpt["config"].get("model", {}).get("backbone")
+        hint = f"; drop --backbone (or pass --backbone {trained})" if trained != cfg.model.backbone else ""
+        raise EvalError(first_line(exc) + hint) from None
     return Loaded(cfg, model.to(device), path, device)
 
 
@@ -198,39 +158,43 @@ class Features:
     seconds_features: float
 
 
-def features(args: argparse.Namespace, loaded: Loaded) -> Features:
-    from ssl_sphere.augment import Augmenter
-    from ssl_sphere.data import Split, load_data
-    from ssl_sphere.evaluation import extract_features
+def _subset(x: torch.Tensor, y: torch.Tensor, limit: Optional[int], seed: int, flag: str):
+    if limit is None:
+        return x, y
+    if limit < 1:
+        raise EvalError(f"{flag} must be >= 1, got {limit}")
+    idx = stratified_subset(y.cpu(), limit, seed).to(y.device)
+    return x[idx], y[idx]
 
-    cfg = loaded.cfg
+
+def _labelled(s: Split, limit: Optional[int], seed: int, flag: str) -> Split:
+    """The labelled samples of a split (label -1 cannot be evaluated), limited to a stratified subset."""
+    keep = s.labels >= 0
+    if not bool(keep.all()):
+        s = Split(s.images[keep], s.labels[keep])
+    return Split(*_subset(s.images, s.labels, limit, seed, flag))
+
+
+def features(args: argparse.Namespace, loaded: Loaded) -> Features:
+    """Frozen backbone features of the labelled train (bank) and test splits, eval transform only."""
+    cfg, dev = loaded.cfg, loaded.device
     t0 = time.perf_counter()
     splits = load_data(cfg.data)
-    bank, test = splits.bank, splits.test
-    # unlabelled samples (label -1) cannot be evaluated
-    for name, limit in (("bank", args.limit_train), ("test", args.limit_test)):
-        s = bank if name == "bank" else test
-        keep = s.labels >= 0
-        if not bool(keep.all()):
-            s = Split(s.images[keep], s.labels[keep])
-        flag = "--limit-train" if name == "bank" else "--limit-test"
-        s = Split(*_subset(s.images, s.labels, limit, args.seed, flag))
-        if name == "bank":
-            bank = s
-        else:
-            test = s
+    bank = _labelled(splits.bank, args.limit_train, args.seed, "--limit-train")
+    test = _labelled(splits.test, args.limit_test, args.seed, "--limit-test")
     if len(bank) == 0 or len(test) == 0:
         raise EvalError(f"{splits.name}: no labelled {'train' if len(bank) == 0 else 'test'} images to evaluate")
     t1 = time.perf_counter()
-    aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std).to(loaded.device)
+    mean = torch.tensor(splits.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(splits.std, device=dev).view(1, 3, 1, 1)
+    transform = partial(eval_transform, size=cfg.data.image_size, mean=mean, std=std)
     bs = args.batch_size or cfg.eval.batch_size
     method = loaded.model.method
-    f_train = extract_features(method, bank, bs, loaded.device, aug.eval_transform)
-    f_test = extract_features(method, test, bs, loaded.device, aug.eval_transform)
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize(loaded.device)
+    f_train = extract_features(method, bank, bs, dev, transform)
+    f_test = extract_features(method, test, bs, dev, transform)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     t2 = time.perf_counter()
-    dev = loaded.device
     out = Features(f_train, bank.labels.to(dev), f_test, test.labels.to(dev), splits.num_classes,
                    cfg.data.dataset, cfg.data.root, t1 - t0, t2 - t1)
     if args.save_features:
@@ -242,17 +206,6 @@ def features(args: argparse.Namespace, loaded: Loaded) -> Features:
     return out
 
 
-def _subset(x: torch.Tensor, y: torch.Tensor, limit: Optional[int], seed: int, flag: str):
-    from ssl_sphere.evaluation import stratified_subset
-
-    if limit is None:
-        return x, y
-    if limit < 1:
-        raise EvalError(f"{flag} must be >= 1, got {limit}")
-    idx = stratified_subset(y.cpu(), limit, seed).to(y.device)
-    return x[idx], y[idx]
-
-
 def saved_features(args: argparse.Namespace, device: torch.device):
     """(Features, the file's dict) of a file written by --save-features; limits as for images."""
     path = args.features
@@ -262,7 +215,7 @@ def saved_features(args: argparse.Namespace, device: torch.device):
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise EvalError(f"cannot read features file {path} (corrupt?): {_first_line(exc)}") from None
+        raise EvalError(f"cannot read features file {path} (corrupt?): {first_line(exc)}") from None
     keys = ("train_features", "train_labels", "test_features", "test_labels", "num_classes")
     if not isinstance(d, dict) or any(k not in d for k in keys):
         raise EvalError(f"{path} is not a features file written by --save-features (needs {', '.join(keys)})")
@@ -288,12 +241,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         if args.config or args.overrides or args.backbone or args.dataset or args.data_root or args.save_features:
             raise EvalError("--features evaluates saved features: --config, --backbone, --dataset, --data-root, "
                             "--save-features and overrides do not apply")
-        from ssl_sphere.train import resolve_device
-
-        try:
-            device = resolve_device(args.device)
-        except RuntimeError as exc:
-            raise EvalError(str(exc)) from None
+        device = device_of(args)
         f, meta = saved_features(args, device)
         ckpt, backbone = meta.get("checkpoint"), meta.get("backbone", "?")
         return Prepared(f, ckpt, f"features {args.features} (of {ckpt or 'a random-init ' + str(backbone)})",
@@ -305,6 +253,25 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
 
 # ----------------------------------------------------------------------------- output
+def evaluate_and_report(args: argparse.Namespace, compute: Callable[[Features, Prepared], Dict[str, float]],
+                        settings: Dict[str, Any], title: str, timing: str) -> int:
+    """Features (prepare), the protocol's numbers (compute), then one report: the numbers, what was
+    evaluated, ``settings`` (the protocol's parameters) and the wall time after start-up. ``timing``
+    names the protocol's share of the time; its parameters go in ``title`` / ``timing`` text."""
+    t0 = time.perf_counter()
+    prep = prepare(args)
+    f = prep.features
+    t1 = time.perf_counter()
+    res = compute(f, prep)
+    t2 = time.perf_counter()
+    out = {**res, "checkpoint": prep.checkpoint, "dataset": f.dataset, "n_train": int(f.train.shape[0]),
+           "n_test": int(f.test.shape[0]), **settings, "seconds": t2 - t0}
+    report(out, args.json, f"{title} of {prep.source}", extra=[
+        f"  (data {f.seconds_data:.1f}s, features {f.seconds_features:.1f}s, {timing} {t2 - t1:.1f}s; "
+        f"{prep.backbone}, {f.train.shape[1]}-d features, device {prep.device})"])
+    return 0
+
+
 def report(result: Dict[str, Any], as_json: bool, title: str, extra: Sequence[str] = ()) -> None:
     if as_json:
         print(json.dumps(result))
@@ -319,12 +286,12 @@ def report(result: Dict[str, Any], as_json: bool, title: str, extra: Sequence[st
         print(line)
 
 
-def run(main_fn, argv: Optional[Sequence[str]]) -> int:
+def guarded(main_fn: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]]) -> int:
     """Call ``main_fn(argv)``; user-facing errors -> one line on stderr, exit code 2."""
     try:
         return main_fn(argv)
-    except (EvalError, DataError, C.ConfigError) as exc:
-        print(f"error: {_first_line(exc)}", file=sys.stderr)
+    except (EvalError, DataError, config.ConfigError) as exc:
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
