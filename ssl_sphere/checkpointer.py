@@ -4,6 +4,7 @@ the last good checkpoint (the file format and the atomic write are checkpoint.py
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Dict, Optional
 
 import torch
@@ -11,67 +12,110 @@ from omegaconf import DictConfig
 
 from . import checkpoint, dist
 from .config import to_container
+from .errors import UserError
 from .run import seed_everything
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples_seen, global_batch, rng_per_rank
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
 class Checkpointer:
-    """Saves ``last.pt`` (and ``epoch_XXXX.pt`` every run.ckpt_every_epochs epochs) into the run
-    directory from rank 0, restores a run from one, and refuses to save a non-finite state.
+    """Saves ``last.pt`` into the run directory from rank 0: at every epoch end (plus
+    ``epoch_XXXX.pt`` every run.ckpt_every_epochs epochs), every run.ckpt_every_steps steps,
+    when run.ckpt_every_minutes have passed since the last save, and when the run stops.
+    Restores a run from a checkpoint, and refuses to save a non-finite state.
 
     model, optimizer: what is trained; monitor: the kNN monitor (its start / best top-1 go into
-    the checkpoint), or None when evaluation is off."""
+    the checkpoint), or None when evaluation is off; global_batch: samples per step over all ranks.
+    save() is collective under DDP (every rank calls it at the same step)."""
 
     def __init__(self, run_dir: str, cfg: DictConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 monitor, steps_per_epoch: int, world: int, main: bool):
+                 monitor, steps_per_epoch: int, global_batch: int, world: int, main: bool):
         self.run_dir, self.cfg, self.model, self.optimizer = run_dir, cfg, model, optimizer
-        self.monitor, self.steps_per_epoch, self.world, self.main = monitor, steps_per_epoch, world, main
+        self.monitor, self.steps_per_epoch, self.global_batch = monitor, steps_per_epoch, global_batch
+        self.world, self.main = world, main
         self.last_saved_step: Optional[int] = None
+        self.last_save_time = time.monotonic()
         self.start_knn: Optional[float] = None  # carried from the checkpoint when the monitor is off
+        # samples seen = samples_base + (step - step_base) * global_batch: exact across resumes on
+        # other world sizes, where the step count restarts from the samples seen
+        self.samples_base, self.step_base = 0, 0
+        self.notice: Optional[str] = None  # what a resume on another world size did, for the log
 
     @property
     def last_path(self) -> str:
         return os.path.join(self.run_dir, "last.pt")
 
+    def samples_seen(self, step: int) -> int:
+        return self.samples_base + (step - self.step_base) * self.global_batch
+
     def restore(self, ckpt: Dict[str, Any], rank: int) -> int:
-        """Load a checkpoint's model, optimiser, monitor and RNG states; returns its step."""
+        """Load a checkpoint's model, optimiser, monitor and RNG states; returns the step to
+        continue at. Same world size and global batch: the exact continuation (every rank gets
+        its own saved RNG state). Otherwise the step is recomputed from the samples seen, so the
+        lr / momentum / SEC / SEE schedules (functions of step / total) continue where they were,
+        and each rank gets a fresh RNG stream seeded from (seed, step, rank)."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
+        saved_world = int(ckpt.get("world_size", 1))
+        saved_cfg = ckpt["config"]
+        saved_batch = int(ckpt.get("global_batch", saved_cfg["optim"]["batch_size"] * saved_world))
+        samples = int(ckpt.get("samples_seen", step * saved_batch))
         self.start_knn = ckpt.get("start_knn_top1")
         if self.monitor is not None:
             self.monitor.start = self.start_knn
             if ckpt.get("best_knn_top1") is not None:
                 self.monitor.best = ckpt["best_knn_top1"]
-        if self.world == 1 and ckpt.get("world_size", 1) == 1:
-            checkpoint.set_rng_state(ckpt["rng"])  # exact continuation
+        rngs = ckpt.get("rng_per_rank") or ([ckpt["rng"]] if saved_world == 1 else None)
+        if saved_world == self.world and saved_batch == self.global_batch and rngs and len(rngs) == self.world:
+            checkpoint.set_rng_state(rngs[rank])  # exact continuation, every rank
+            start = step
         else:
-            # the checkpoint holds rank 0's RNG only: give each rank a fresh stream for this step
-            seed_everything(self.cfg.run.seed + 1000003 * step + rank)
-        self.last_saved_step = step
-        return step
+            start = samples // self.global_batch
+            seed_everything(self.cfg.run.seed + 1000003 * start + rank)
+            if saved_world != self.world or saved_batch != self.global_batch:
+                self.notice = (f"checkpoint of {saved_world} process(es), global batch {saved_batch}, at step {step} "
+                               f"({samples} samples seen) continues on {self.world} process(es), global batch "
+                               f"{self.global_batch}, at step {start}: schedules continue by samples seen; the rest "
+                               f"of the epoch is re-sliced into batches of the new size")
+        self.samples_base, self.step_base = samples, start
+        self.last_saved_step = start
+        return start
 
-    def payload(self, step: int) -> Dict[str, Any]:
+    def payload(self, step: int, rngs: list) -> Dict[str, Any]:
         m = self.monitor
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
-                "epoch": step / self.steps_per_epoch, "rng": checkpoint.rng_state(),
+                "epoch": step / self.steps_per_epoch, "samples_seen": self.samples_seen(step),
+                "global_batch": self.global_batch, "rng": rngs[0], "rng_per_rank": rngs,
                 "config": to_container(self.cfg), "start_knn_top1": m.start if m is not None else self.start_knn,
                 "best_knn_top1": m.best if m is not None and m.best > -1 else None,
                 "world_size": self.world, "version": FORMAT_VERSION}
 
-    def save(self, step: int, periodic: bool = False) -> None:
-        """last.pt (and epoch_XXXX.pt if ``periodic``) at ``step``, written by rank 0."""
+    def due(self, step: int) -> bool:
+        """A mid-epoch save is due at ``step`` by run.ckpt_every_steps (time: see time_due)."""
+        every = self.cfg.run.ckpt_every_steps
+        return bool(every) and step % every == 0
+
+    def time_due(self) -> bool:
+        minutes = self.cfg.run.ckpt_every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_time >= 60 * minutes
+
+    def save(self, step: int, first_bad: torch.Tensor, periodic: bool = False) -> None:
+        """last.pt (and epoch_XXXX.pt if ``periodic``) at ``step``: checks that no rank saw a
+        non-finite loss (``first_bad``, see TrainStep), gathers every rank's RNG state, rank 0 writes."""
+        self.check_finite(first_bad)
+        rngs = dist.all_gather_object(checkpoint.rng_state())
         if self.main:
-            payload = self.payload(step)
+            payload = self.payload(step, rngs)
             checkpoint.save(self.last_path, payload)
             if periodic:
                 checkpoint.save(os.path.join(self.run_dir, f"epoch_{step // self.steps_per_epoch:04d}.pt"), payload)
         self.last_saved_step = step
+        self.last_save_time = time.monotonic()
 
     def check_finite(self, first_bad: torch.Tensor) -> None:
         """Raise NonFiniteLoss on every rank if any rank saw a non-finite loss (first_bad >= 0:

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .errors import UserError
+
 METHOD_CHOICES = ("simclr", "moco", "byol")
 DATASET_CHOICES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
 BACKBONE_CHOICES = ("auto", "tiny", "resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
@@ -31,7 +33,7 @@ RAMP_CHOICES = ("linear", "none")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 
@@ -157,7 +159,10 @@ class RunConfig:
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     log_every: int = 10  # steps between progress/TensorBoard updates (and NaN checks)
-    ckpt_every_epochs: int = 0  # keep epoch_XXXX.pt every N epochs (last.pt always)
+    ckpt_every_epochs: int = 0  # keep epoch_XXXX.pt every N epochs (last.pt: every epoch end and below)
+    ckpt_every_steps: int = 0  # also write last.pt every N steps mid-epoch (0: off)
+    ckpt_every_minutes: float = 30.0  # also write last.pt when this long has passed since the last save (0: off)
+    overwrite_newer: bool = False  # allow resuming in place from a checkpoint older than the run's last.pt
     progress: bool = True  # tqdm progress bar
 
 
@@ -337,11 +342,20 @@ def resolve(cfg: DictConfig) -> DictConfig:
     for key in ("brightness", "contrast", "saturation"):
         _check(c.aug[key] >= 0, f"aug.{key}", "must be >= 0")
     _check(c.data.image_size >= 8, "data.image_size", "must be >= 8")
+    _check(c.data.root is None or c.data.dataset != "digits", "data.root",
+           "the digits dataset is embedded in scikit-learn and reads no files, so --data-root would be ignored; "
+           "drop it, or choose the dataset it holds with --dataset")
+    _check(c.data.decode_workers >= 0, "data.decode_workers", "must be >= 0 (0 = all cores)")
+    _check(c.data.train_limit is None or c.data.train_limit >= 1, "data.train_limit", "must be >= 1")
     _check(c.optim.batch_size >= 2, "optim.batch_size", "must be >= 2 (contrastive losses need negatives)")
     _check(c.optim.epochs >= 1, "optim.epochs", "must be >= 1")
     _check(c.optim.max_steps is None or c.optim.max_steps >= 1, "optim.max_steps", "must be >= 1")
     _check(c.optim.lr > 0, "optim.lr", "must be > 0")
     _check(c.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    _check(c.optim.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {c.optim.weight_decay}")
+    _check(0 <= c.optim.momentum < 1, "optim.momentum", f"SGD momentum must be in [0, 1), got {c.optim.momentum}")
+    _check(0 <= c.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(c.optim.lars_eta > 0, "optim.lars_eta", "must be > 0")
     _check(c.method.temperature is None or c.method.temperature > 0, "method.temperature", "must be > 0")
     _check(0.0 <= c.method.momentum <= c.method.momentum_final <= 1.0, "method.momentum",
            "need 0 <= momentum <= momentum_final <= 1")
@@ -367,7 +381,12 @@ def resolve(cfg: DictConfig) -> DictConfig:
     _check(c.vmf.refresh_epochs >= 1, "vmf.refresh_epochs", "must be >= 1")
     _check(c.eval.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
     _check(c.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
+    _check(c.eval.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+    for key in ("bank_size", "test_size", "batch_size"):
+        _check(c.eval[key] >= 1, f"eval.{key}", f"must be >= 1, got {c.eval[key]}")
     _check(c.run.log_every >= 1, "run.log_every", "must be >= 1")
+    for key in ("ckpt_every_epochs", "ckpt_every_steps", "ckpt_every_minutes"):
+        _check(c.run[key] >= 0, f"run.{key}", "must be >= 0 (0 = off)")
     return cfg
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 # Channel statistics used for normalisation (computed on each training split).
@@ -28,7 +30,7 @@ STATS = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Missing, empty or corrupt data; the message says where to put the files."""
 
 
@@ -64,6 +66,18 @@ def channel_stats(images: torch.Tensor, max_images: int = 10000) -> Tuple[Tuple[
     return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).tolist())
 
 
+def check_fits_in_ram(n: int, image_size: int, what: str, fraction: float = 0.8) -> None:
+    """Refuse before allocating: n uint8 RGB images at image_size px must fit in ``fraction``
+    of this machine's RAM (the decoded dataset is one tensor in memory)."""
+    need = n * 3 * image_size**2
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > fraction * ram:
+        raise DataError(
+            f"{what}: {n} images at {image_size}px need {need / 2**30:.1f} GiB in memory, more than "
+            f"{fraction:.0%} of this machine's {ram / 2**30:.0f} GiB; lower data.image_size"
+        )
+
+
 # ----------------------------------------------------------------------------- digits
 def load_digits(image_size: int = 32) -> DataSplits:
     """scikit-learn's bundled 8x8 digits (1797 images, no download), upsampled
@@ -73,6 +87,7 @@ def load_digits(image_size: int = 32) -> DataSplits:
     from sklearn.model_selection import train_test_split
 
     d = sk_digits()
+    check_fits_in_ram(len(d.images) * 3, image_size, "digits")  # the float upsampling needs ~4x the uint8 result
     x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
@@ -136,6 +151,23 @@ def load_stl10(root: str, download: bool) -> DataSplits:
 
 
 # ----------------------------------------------------------------------------- image folders
+def to_rgb8(im):
+    """A PIL image as 8-bit RGB. Pillow's convert("RGB") clips 16-bit grey ("I;16*", and "I" from
+    16-bit PNGs) at 255, which turns almost every pixel white: scale those to 8 bit instead
+    (x / 257 maps 0..65535 onto 0..255; an "I" image whose values all fit 8 bits is kept as is).
+    Float images ("F") have no defined range and are refused."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise ValueError("32-bit float images have no defined intensity range; convert them to 8 or 16 bit")
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return im.convert("RGB")
+
+
 def _decode_chunk(args: Tuple[Sequence[str], int]) -> np.ndarray:
     """Decode files to (n, size, size, 3) uint8: resize the short side, centre crop."""
     from PIL import Image
@@ -145,7 +177,7 @@ def _decode_chunk(args: Tuple[Sequence[str], int]) -> np.ndarray:
     for i, p in enumerate(paths):
         try:
             with Image.open(p) as im:
-                im = im.convert("RGB")
+                im = to_rgb8(im)
                 if im.size != (size, size):
                     w, h = im.size
                     s = size / min(w, h)
@@ -193,8 +225,13 @@ def folder_image_size(root: str) -> int:
         if d.is_dir():
             for f in sorted(os.listdir(d)):
                 if f.lower().endswith(IMAGE_EXTENSIONS):
-                    with Image.open(d / f) as im:
-                        return min(im.size)
+                    try:
+                        with Image.open(d / f) as im:
+                            return min(im.size)
+                    except Exception as exc:
+                        raise DataError(f"cannot read image '{d / f}' ({type(exc).__name__}: "
+                                        f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); remove or "
+                                        "replace the file, or set data.image_size") from None
     raise DataError(f"no images found in '{train}/<class>/'")
 
 
@@ -224,14 +261,7 @@ def load_imagefolder(root: str, image_size: int, workers: int = 0) -> DataSplits
                         "of images")
     tr_paths, tr_labels, classes = _list_folder(train_dir, None)
     te_paths, te_labels, _ = _list_folder(test_dir, classes)
-    n = len(tr_paths) + len(te_paths)
-    need = n * 3 * image_size**2
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > 0.8 * ram:
-        raise DataError(
-            f"{n} images at {image_size}px need {need / 2**30:.1f} GiB in memory, more than 80% of this "
-            f"machine's {ram / 2**30:.0f} GiB; lower data.image_size"
-        )
+    check_fits_in_ram(len(tr_paths) + len(te_paths), image_size, f"image folder {root}")
     imgs = decode_images(tr_paths + te_paths, image_size, workers)
     labels = torch.tensor(tr_labels + te_labels, dtype=torch.long)
     k = len(tr_paths)

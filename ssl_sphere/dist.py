@@ -76,6 +76,33 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def cpu_group():
+    """A gloo process group over all ranks for small host-side decisions (stop, save): an
+    all-reduce there never waits on the GPU stream. None in a single process. Collective:
+    every rank must call it at the same point."""
+    if world_size() == 1:
+        return None
+    return tdist.new_group(backend="gloo")
+
+
+@torch.no_grad()
+def all_reduce_max_cpu(values, group) -> list:
+    """Element-wise max over ranks of a list of ints, on the host (``group`` from cpu_group)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if group is not None:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` on every rank, in rank order ([obj] in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank (e.g. the run directory rank 0 chose)."""
     if world_size() == 1:

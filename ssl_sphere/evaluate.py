@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -17,13 +16,14 @@ import torch
 
 from . import checkpoint, config
 from .augment import eval_transform
-from .data import DataError, Split, load_data
+from .data import Split, load_data
+from .errors import UserError
 from .evaluation import extract_features, stratified_subset
 from .model import SSLModel, build_model, model_from_checkpoint
 from .run import resolve_device
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """A user-facing problem: printed as one line on stderr, exit code 2."""
 
 
@@ -58,6 +58,19 @@ def add_common_args(p: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGr
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="with --random-init: config overrides as in pretraining, e.g. data.image_size=32")
     return src
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """The shared flags' values, before any work: sizes >= 1, an existing --save-features directory."""
+    for flag, value in (("--batch-size", args.batch_size), ("--limit-train", args.limit_train),
+                        ("--limit-test", args.limit_test)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} must be >= 1, got {value}")
+    if args.save_features:
+        parent = os.path.dirname(os.path.abspath(args.save_features))
+        if not os.path.isdir(parent):
+            raise EvalError(f"--save-features {args.save_features}: the directory {parent} does not exist; "
+                            "create it first")
 
 
 def first_line(exc: BaseException) -> str:
@@ -130,7 +143,7 @@ def load_model(args: argparse.Namespace) -> Loaded:
         ckpt = checkpoint.load(path)
     except FileNotFoundError:
         raise EvalError(f"checkpoint not found: {path}") from None
-    except RuntimeError as exc:
+    except checkpoint.CheckpointError as exc:
         raise EvalError(first_line(exc)) from None
     if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
         raise EvalError(f"{path} is not an ssl_sphere checkpoint (its 'model'/'config' entries are not mappings)")
@@ -254,10 +267,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
 # ----------------------------------------------------------------------------- output
 def evaluate_and_report(args: argparse.Namespace, compute: Callable[[Features, Prepared], Dict[str, float]],
-                        settings: Dict[str, Any], title: str, timing: str) -> int:
+                        settings: Callable[[Features], Dict[str, Any]], title: str, timing: str) -> int:
     """Features (prepare), the protocol's numbers (compute), then one report: the numbers, what was
-    evaluated, ``settings`` (the protocol's parameters) and the wall time after start-up. ``timing``
-    names the protocol's share of the time; its parameters go in ``title`` / ``timing`` text."""
+    evaluated, ``settings(features)`` (the protocol's parameters as used) and the wall time after
+    start-up. ``timing`` names the protocol's share of the time."""
     t0 = time.perf_counter()
     prep = prepare(args)
     f = prep.features
@@ -265,7 +278,7 @@ def evaluate_and_report(args: argparse.Namespace, compute: Callable[[Features, P
     res = compute(f, prep)
     t2 = time.perf_counter()
     out = {**res, "checkpoint": prep.checkpoint, "dataset": f.dataset, "n_train": int(f.train.shape[0]),
-           "n_test": int(f.test.shape[0]), **settings, "seconds": t2 - t0}
+           "n_test": int(f.test.shape[0]), **settings(f), "seconds": t2 - t0}
     report(out, args.json, f"{title} of {prep.source}", extra=[
         f"  (data {f.seconds_data:.1f}s, features {f.seconds_features:.1f}s, {timing} {t2 - t1:.1f}s; "
         f"{prep.backbone}, {f.train.shape[1]}-d features, device {prep.device})"])
@@ -284,15 +297,3 @@ def report(result: Dict[str, Any], as_json: bool, title: str, extra: Sequence[st
         print(f"  {key:<{width}}{value}")
     for line in extra:
         print(line)
-
-
-def guarded(main_fn: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]]) -> int:
-    """Call ``main_fn(argv)``; user-facing errors -> one line on stderr, exit code 2."""
-    try:
-        return main_fn(argv)
-    except (EvalError, DataError, config.ConfigError) as exc:
-        print(f"error: {first_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

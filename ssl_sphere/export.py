@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 from . import checkpoint
 from .config import ConfigError
+from .errors import run_cli
 from .model import backbone_state_dict, load_pretrained
 
 
@@ -52,17 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        meta = export(args.checkpoint, args.out, args.part)
-    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
-        text = str(exc).strip()
-        print(f"error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
-        return 2
+    meta = export(args.checkpoint, args.out, args.part)
     print(f"[ssl_sphere] exported {meta['arch']} ({meta['part']}, {meta['values']:,} values, step {meta['step']}) "
           f"to {args.out} and {os.path.splitext(args.out)[0]}.json")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

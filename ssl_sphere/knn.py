@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import evaluate
+from .errors import run_cli
 from .evaluation import knn_accuracy, knn_classify, recall_at_k
 
 
@@ -104,20 +105,26 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_intermixed_args(argv)
     if args.k < 1 or args.temperature <= 0:
         raise evaluate.EvalError("--k must be >= 1 and --temperature > 0")
+    evaluate.check_common_args(args)
     if args.bench:
         return bench(args)
 
     def compute(f, prep):
+        if f.test.shape[0] < 2:
+            raise evaluate.EvalError(f"Recall@K needs at least 2 test images, got {f.test.shape[0]}: "
+                                     "raise --limit-test")
         res = knn_accuracy(f.train, f.train_labels, f.test, f.test_labels, args.k, args.temperature, f.num_classes)
         return {**res, **recall_at_k(f.test, f.test_labels, (1, 2, 4, 8))}
 
-    return evaluate.evaluate_and_report(args, compute, {"k": args.k, "temperature": args.temperature},
-                                        "kNN evaluation", "kNN + recall")
+    def settings(f):  # k as used: at most the bank size
+        return {"k": min(args.k, int(f.train.shape[0])), "temperature": args.temperature}
+
+    return evaluate.evaluate_and_report(args, compute, settings, "kNN evaluation", "kNN + recall")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The CLI: exit code 0, or 2 with one line on stderr for a user error."""
-    return evaluate.guarded(_main, argv)
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

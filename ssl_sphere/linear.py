@@ -18,6 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import evaluate
+from .errors import run_cli
 from .evaluation import linear_probe
 
 
@@ -36,6 +37,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_intermixed_args(argv)
     if args.epochs < 1 or args.lr <= 0 or args.weight_decay < 0 or args.probe_batch_size < 1:
         raise evaluate.EvalError("need --epochs >= 1, --lr > 0, --weight-decay >= 0, --probe-batch-size >= 1")
+    evaluate.check_common_args(args)
 
     def compute(f, prep):
         return linear_probe(f.train, f.train_labels, f.test, f.test_labels, epochs=args.epochs, lr=args.lr,
@@ -44,12 +46,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     timing = (f"probe ({args.epochs} epochs, lr {args.lr}, wd {args.weight_decay}, "
               f"batch {args.probe_batch_size})")
-    return evaluate.evaluate_and_report(args, compute, {}, "Linear probe", timing)
+    return evaluate.evaluate_and_report(args, compute, lambda f: {}, "Linear probe", timing)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The CLI: exit code 0, or 2 with one line on stderr for a user error."""
-    return evaluate.guarded(_main, argv)
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -95,26 +96,48 @@ def flag_values(args: argparse.Namespace) -> Dict[str, Any]:
     return flat
 
 
+# config keys that shape the saved weights: a resume may not change them
+ARCHITECTURE_KEYS = ("method.name", "model.backbone", "model.small_images", "method.proj_hidden_dim",
+                     "method.proj_dim", "method.pred_hidden_dim", "method.queue_size", "sec.enabled",
+                     "vmf.enabled", "vmf.k")
+
+
 def build_config(argv: Optional[Sequence[str]] = None) -> DictConfig:
     """Parse argv into a resolved config; on --resume the checkpoint's config is the
-    base and only what the user gave on this command line is applied on top."""
+    base and only what the user gave on this command line is applied on top.
+
+    A resume continues in the checkpoint's own run directory unless --run-name or
+    --output-dir (or run.run_name= / run.output_dir=) name another one: then it forks
+    into that new directory."""
     from . import checkpoint
-    from .run import choose_run_dir
+    from .run import find_resume
 
     args = build_parser().parse_intermixed_args(argv)
-    layers = dict(config_file=getattr(args, "config", None), values=flag_values(args),
-                  overrides=getattr(args, "overrides", []))
+    values = flag_values(args)
+    overrides = getattr(args, "overrides", [])
+    layers = dict(config_file=getattr(args, "config", None), values=values, overrides=overrides)
     cfg = config.resolve(config.layered(**layers))
-    _, ckpt_path = choose_run_dir(cfg)
-    if ckpt_path is not None:
-        saved = config.from_container(checkpoint.load(ckpt_path)["config"], f"checkpoint {ckpt_path}")
-        resumed = config.resolve(config.layered(**layers, base=saved))
-        resumed.run.resume = ckpt_path
-        changed = _diff(saved, resumed, ignore={"run.resume"})
-        if changed:
-            print(f"[ssl_sphere] resuming {ckpt_path} with changed keys: {', '.join(changed)}")
-        return resumed
-    return cfg
+    ckpt_path = find_resume(cfg)
+    if ckpt_path is None:
+        return cfg
+    saved = config.from_container(checkpoint.load(ckpt_path)["config"], f"checkpoint {ckpt_path}")
+    resumed = config.resolve(config.layered(**layers, base=saved))
+    explicit = set(values) | {item.split("=", 1)[0].strip() for item in overrides}
+    if cfg.run.resume == "auto" or not explicit & {"run.run_name", "run.output_dir"}:
+        run_dir = os.path.dirname(os.path.abspath(ckpt_path))  # in place, wherever the run has moved to
+        resumed.run.run_name, resumed.run.output_dir = os.path.basename(run_dir), os.path.dirname(run_dir)
+    resumed.run.resume = ckpt_path
+    for key in ARCHITECTURE_KEYS:
+        section, name = key.split(".")
+        old, new = saved[section][name], resumed[section][name]
+        if old != new:
+            raise config.ConfigError(
+                f"cannot resume {ckpt_path} with {key} changed ({old} -> {new}): its saved weights are for "
+                f"{key}={old}. Keep {key}, or start a new run (drop --resume)")
+    changed = _diff(saved, resumed, ignore={"run.resume"})
+    if changed:
+        print(f"[ssl_sphere] resuming {ckpt_path} with changed keys: {', '.join(changed)}")
+    return resumed
 
 
 def _diff(a: DictConfig, b: DictConfig, ignore=()) -> List[str]:
@@ -127,20 +150,20 @@ def _diff(a: DictConfig, b: DictConfig, ignore=()) -> List[str]:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .data import DataError
-    from .train import NonFiniteLoss, train
+def _main(argv: Optional[Sequence[str]]) -> int:
+    from .train import train
 
-    try:
-        cfg = build_config(argv)
-        train(cfg)
-    except (config.ConfigError, DataError, NonFiniteLoss, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint (if any) is intact; continue with --resume auto", file=sys.stderr)
-        return 130
+    train(build_config(argv))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI. Exit codes: 0 done; 2 a user error (one line on stderr: what is wrong, which key or
+    file, what to do); 75 stopped by SIGTERM / SIGUSR1 after saving (resume it); 130 Ctrl-C
+    (after saving at the next step boundary; a second Ctrl-C stops at once)."""
+    from .errors import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,18 @@ from torch import nn
 from . import checkpoint, dist
 from .augment import Augmenter
 from .checkpointer import Checkpointer, NonFiniteLoss
+from .config import ConfigError
 from .data import DataSplits, load_data, step_batches, steps_per_epoch
 from .evaluation import alignment_uniformity, extract_features, stratified_subset
 from .methods import Method
 from .model import SSLModel, build_model, refresh_vmf
 from .monitor import KnnMonitor, RunLogger
 from .optim import build_optimizer, lr_at, set_lr
-from .run import choose_run_dir, resolve_device, seed_everything
+from .run import claim_run_dir, resolve_device, seed_everything
+from .signals import StopRequested, StopSignals
 
-__all__ = ["Plan", "TrainStep", "train", "bf16_enabled", "place_images", "NonFiniteLoss", "build_model"]
+__all__ = ["Plan", "TrainStep", "train", "bf16_enabled", "place_images", "NonFiniteLoss", "StopRequested",
+           "build_model"]
 
 
 # ----------------------------------------------------------------------------- the step
@@ -114,13 +117,14 @@ class Plan:
     total: int
     stop: int
     warmup: int
+    global_batch: int
 
     @classmethod
     def of(cls, cfg: DictConfig, n_train: int, world: int) -> "Plan":
         per_epoch = steps_per_epoch(n_train, cfg.optim.batch_size, world)
         total = cfg.optim.epochs * per_epoch
         return cls(per_epoch, total, min(total, cfg.optim.max_steps or total),
-                   int(round(cfg.optim.warmup_epochs * per_epoch)))
+                   int(round(cfg.optim.warmup_epochs * per_epoch)), cfg.optim.batch_size * world)
 
 
 @dataclass
@@ -139,6 +143,8 @@ class Run:
     logger: RunLogger
     monitor: Optional[KnnMonitor]
     checkpointer: Checkpointer
+    signals: StopSignals
+    control_group: object = None  # gloo group for the per-step stop / save decision under DDP
     bar: object = None  # tqdm progress bar on rank 0 (run.progress)
 
     def say(self, message: str) -> None:
@@ -156,9 +162,20 @@ def setup_process(cfg: DictConfig) -> tuple[torch.device, int, int]:
 
 
 def open_run_dir(cfg: DictConfig) -> tuple[str, Optional[dict]]:
-    """Rank 0 chooses the run directory (and the checkpoint to resume) for every rank; the
+    """Rank 0 claims the run directory (and finds the checkpoint to resume) for every rank,
+    before anything else happens, and clears the temp files a killed save left there; the
     config records where the run lives."""
-    run_dir, resume_path = dist.broadcast_object(choose_run_dir(cfg) if dist.is_main() else None)
+    claim = None
+    if dist.is_main():
+        try:
+            claim = claim_run_dir(cfg)
+            checkpoint.remove_stale_temp_files(claim[0])
+        except ConfigError as exc:
+            claim = exc  # every rank raises it, not only rank 0
+    claim = dist.broadcast_object(claim)
+    if isinstance(claim, Exception):
+        raise claim
+    run_dir, resume_path = claim
     cfg.run.run_name = os.path.basename(run_dir)
     cfg.run.output_dir = os.path.dirname(run_dir)
     return run_dir, (checkpoint.load(resume_path) if resume_path else None)
@@ -181,6 +198,8 @@ def open_logs(cfg: DictConfig, run_dir: str, main: bool, purge_step: Optional[in
 
 def announce(run: Run, start: int, resumed: bool) -> None:
     cfg, plan, splits = run.cfg, run.plan, run.splits
+    if run.checkpointer.notice:
+        run.say(f"[ssl_sphere] {run.checkpointer.notice}")
     run.say(f"[ssl_sphere] run dir {run.run_dir} | {cfg.method.name}{' +SEC' if cfg.sec.enabled else ''} | "
             f"{splits.name}: {len(splits.train)} train / {len(splits.test)} test images | {cfg.model.backbone} | "
             f"device {run.device}{' bf16' if run.step_fn.use_bf16 else ''} | {plan.steps_per_epoch} steps/epoch, "
@@ -227,7 +246,17 @@ def end_of_epoch(run: Run, step: int, emb: torch.Tensor) -> None:
     if run.monitor is not None and epoch % cfg.eval.every_epochs == 0:
         evaluate(run, step)
     every = cfg.run.ckpt_every_epochs
-    run.checkpointer.save(step, periodic=bool(every) and epoch % every == 0)
+    run.checkpointer.save(step, run.step_fn.first_bad, periodic=bool(every) and epoch % every == 0)
+
+
+def poll(run: Run) -> tuple[int, bool]:
+    """(signal number or 0, time-based save due): what every rank must agree on at a step
+    boundary. One all-reduce of two integers on a CPU group under DDP; no sync otherwise."""
+    local = [run.signals.received or 0, int(run.checkpointer.time_due())]
+    if run.control_group is None:
+        return local[0], bool(local[1])
+    signum, due = dist.all_reduce_max_cpu(local, run.control_group)
+    return signum, bool(due)
 
 
 def projector_snapshot(run: Run, step: int, n: int = 300) -> None:
@@ -258,26 +287,46 @@ def loop(run: Run, start: int) -> int:
             log_step(run, step, loss, method_loss, logs, lr)
         if run.bar is not None:
             run.bar.update(1)
+        signum, time_due = poll(run)
         if step % plan.steps_per_epoch == 0:
             end_of_epoch(run, step, emb)
+        elif time_due or run.checkpointer.due(step):
+            run.checkpointer.save(step, step_fn.first_bad)
+        if signum and step < plan.stop:
+            if run.checkpointer.last_saved_step != step:
+                run.checkpointer.save(step, step_fn.first_bad)
+            raise StopRequested(signum, step, run.checkpointer.last_path)
     return step
 
 
-def finish(run: Run, step: int) -> Dict[str, object]:
+def finish(run: Run, start: int, step: int) -> Dict[str, object]:
     """The final kNN evaluation and checkpoint where the last epoch end did not already make
-    them, the projector snapshot, and the run's summary."""
+    them, the projector snapshot, and the run's summary. A resume that had nothing left to do
+    (start == step) writes nothing."""
+    ran = step > start
     run.checkpointer.check_finite(run.step_fn.first_bad)
-    if run.monitor is not None and run.monitor.last.get("step") != step:
+    if ran and run.monitor is not None and run.monitor.last.get("step") != step:
         evaluate(run, step)
-    if run.checkpointer.last_saved_step != step:
-        run.checkpointer.save(step)
-    if run.main and run.monitor is not None:
+    if ran and run.checkpointer.last_saved_step != step:
+        run.checkpointer.save(step, run.step_fn.first_bad)
+    if ran and run.main and run.monitor is not None:
         projector_snapshot(run, step)
+    if not ran:
+        run.say(f"[ssl_sphere] nothing to do: the run is at step {step} already (optim.max_steps / optim.epochs)")
     summary: Dict[str, object] = {"step": step, "run_dir": run.run_dir}
     if run.monitor is not None and run.monitor.last:
         last = run.monitor.last
         summary.update(knn_top1=last["knn_top1"], knn_top5=last["knn_top5"], start_knn_top1=run.monitor.start)
     return summary
+
+
+def close_quietly(run: Run) -> None:
+    for closer in (getattr(run.bar, "close", None), run.logger.close):
+        try:
+            if closer is not None:
+                closer()
+        except Exception:
+            pass
 
 
 def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, object]:
@@ -297,7 +346,8 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, obj
     model = build_model(cfg, len(splits.train), device, world)
     optimizer = build_optimizer(model, cfg.optim)
     monitor = KnnMonitor(splits, aug.eval_transform, cfg.eval, device, cfg.run.seed) if cfg.eval.every_epochs else None
-    checkpointer = Checkpointer(run_dir, cfg, model, optimizer, monitor, plan.steps_per_epoch, world, main)
+    checkpointer = Checkpointer(run_dir, cfg, model, optimizer, monitor, plan.steps_per_epoch, plan.global_batch,
+                                world, main)
 
     # resume (weights before compile and the DDP wrapper; DDP then broadcasts rank 0's state)
     start = checkpointer.restore(ckpt, rank) if ckpt is not None else 0
@@ -312,24 +362,28 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, obj
     images, on_device = place_images(splits.train.images, cfg, device)
     step_fn = TrainStep(wrapped, model.method, optimizer, aug, images, on_device, cfg, plan.total, plan.warmup, device)
     logger = open_logs(cfg, run_dir, main, purge_step=start if ckpt is not None else None)
-    run = Run(cfg, run_dir, device, main, plan, splits, aug, model, step_fn, logger, monitor, checkpointer)
+    run = Run(cfg, run_dir, device, main, plan, splits, aug, model, step_fn, logger, monitor, checkpointer,
+              StopSignals(), dist.cpu_group())
     announce(run, start, resumed=ckpt is not None)
 
-    # loop over steps, finish
-    if start == 0 and monitor is not None:
-        evaluate(run, 0)  # random-init baseline
-    if main and cfg.run.progress:
-        from tqdm import tqdm
-
-        run.bar = tqdm(total=plan.stop, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
-    model.train()
+    # loop over steps, finish (SIGTERM / SIGUSR1 / Ctrl-C: save at the next step boundary and stop)
     try:
-        step = loop(run, start)
-        summary = finish(run, step)
-    finally:
-        if run.bar is not None:
-            run.bar.close()
-        logger.close()
+        with run.signals:
+            if start == 0 and monitor is not None:
+                evaluate(run, 0)  # random-init baseline
+            if main and cfg.run.progress:
+                from tqdm import tqdm
+
+                run.bar = tqdm(total=plan.stop, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
+            model.train()
+            step = loop(run, start)
+            summary = finish(run, start, step)
+    except BaseException:
+        close_quietly(run)  # the error in flight is the one to report, not a failing flush after it
+        raise
+    if run.bar is not None:
+        run.bar.close()
+    logger.close()
     dist.barrier()
     if "knn_top1" in summary:
         run.say(f"[ssl_sphere] kNN top-1: {summary['start_knn_top1']:.2f}% at start -> "

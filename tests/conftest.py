@@ -25,3 +25,19 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
 
 #: a device parameter whose "cuda" case carries the cuda marker and skips with a reason without CUDA
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+
+
+def make_image_folder(root: Path, n_train: int = 12, n_test: int = 4, classes=("a", "b"), hw=(20, 24),
+                      seed: int = 0) -> Path:
+    """ROOT/{train,test}/<class>/<i>.png of random RGB pixels; returns ROOT."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = torch.randint(0, 256, (*hw, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root

@@ -145,10 +145,15 @@ def test_torchrun_two_ranks_then_resume_on_one_and_back(tmp_path):
     knn = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert [r["step"] for r in knn] == [0, 2]
 
-    # 2-rank checkpoint resumes on 1 process ...
-    s = train(build_config(["--resume", str(run_dir / "last.pt"), "--max-steps", "4", "run.progress=false"]))
-    assert s["step"] == 4
-    # ... and a 1-process checkpoint resumes on 2 ranks
-    _torchrun(tmp_path, "--resume", str(run_dir / "last.pt"), "--max-steps", "6", script=True)
-    assert checkpoint.load(str(run_dir / "last.pt"))["step"] == 6
+    # 2-rank checkpoint resumes on 1 process: 2 steps of global batch 128 = 256 samples = step 4 of batch 64,
+    # so the schedules continue where they were (progress counted in samples seen) ...
+    assert ck["samples_seen"] == 256 and len(ck["rng_per_rank"]) == WORLD
+    s = train(build_config(["--resume", str(run_dir / "last.pt"), "--max-steps", "6", "run.progress=false"]))
+    ck = checkpoint.load(str(run_dir / "last.pt"))
+    assert s["step"] == 6 and ck["samples_seen"] == 256 + 2 * 64 and ck["world_size"] == 1
+    # ... and a 1-process checkpoint resumes on 2 ranks: 384 samples = step 3 of global batch 128
+    res = _torchrun(tmp_path, "--resume", str(run_dir / "last.pt"), "--max-steps", "5", script=True)
+    assert "continues on 2 process(es), global batch 128, at step 3" in res.stdout
+    ck = checkpoint.load(str(run_dir / "last.pt"))
+    assert ck["step"] == 5 and ck["samples_seen"] == 384 + 2 * 128 and ck["world_size"] == WORLD
 

@@ -4,9 +4,7 @@ appends them to the results file, --table-only prints every budget."""
 import importlib.util
 import json
 
-import torch
-
-from .conftest import REPO
+from .conftest import REPO, make_image_folder
 
 
 def load_study():
@@ -25,25 +23,12 @@ def test_todo_order_and_skips_done_cells():
     assert len(cells) == 7 and (0, "simclr", "baseline") not in cells
 
 
-def _folder(root):
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 24), ("test", 8)):
-        for c in ("a", "b"):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()).save(
-                    d / f"{i}.png")
-
-
 def test_cells_appends_the_next_missing_cells(tmp_path, monkeypatch, capsys):
     study = load_study()
     monkeypatch.setitem(study.BUDGETS, "tiny", [
         "--backbone", "tiny", "--batch-size", "16", "--epochs", "1", "--max-steps", "1", "method.queue_size=64",
         "method.proj_hidden_dim=32", "eval.test_size=8", "vmf.k=4"])
-    _folder(tmp_path / "data")
+    make_image_folder(tmp_path / "data", n_train=24, n_test=8, hw=(16, 16))
     out = tmp_path / "study.json"
     common = ["--budget", "tiny", "--data-root", str(tmp_path / "data"), "--device", "cpu", "--out", str(out),
               "--runs-dir", str(tmp_path / "runs"), "--seeds", "0", "--variants", "baseline", "+SEC", "+vMF"]
