@@ -33,9 +33,11 @@ VARIANTS = {
 }
 BUDGETS = {
     "cpu": ["--backbone", "tiny", "--batch-size", "128", "--epochs", "2", "data.train_limit=10000",
-            "eval.every_epochs=2", "eval.test_size=2000", "method.queue_size=4096", "vmf.k=100"],
+            "eval.every_epochs=2", "eval.bank_size=10000", "eval.test_size=2000", "method.queue_size=4096",
+            "vmf.k=100"],
     "gpu": ["--backbone", "resnet18", "--batch-size", "512", "--epochs", "20", "eval.every_epochs=5",
-            "method.queue_size=4096", "vmf.k=100", "model.channels_last=true"],
+            "eval.bank_size=50000", "eval.test_size=10000", "method.queue_size=4096", "vmf.k=100",
+            "model.channels_last=true"],
 }
 
 

@@ -257,9 +257,9 @@ class Augmenter(nn.Module):
 
     aug: the ``aug`` config section; mean/std: (3,) dataset statistics in [0, 1] units."""
 
-    def __init__(self, aug, image_size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, aug, image_size: int, mean: Sequence[float], std: Sequence[float], eval_crop: float = 1.0):
         super().__init__()
-        self.aug, self.size = aug, image_size
+        self.aug, self.size, self.eval_crop = aug, image_size, eval_crop
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -333,15 +333,24 @@ class Augmenter(nn.Module):
 
     def eval_transform(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) uint8 -> normalised float, resized to ``size`` if needed; no augmentation."""
-        return eval_transform(x, self.size, self.mean, self.std)
+        return eval_transform(x, self.size, self.mean, self.std, self.eval_crop)
 
 
 @torch.no_grad()
-def eval_transform(x: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """The evaluation input: x (B, 3, H, W) uint8 -> (B, 3, size, size) float in [0, 1], resized
-    (bilinear, antialiased) only if H, W != size, then normalised per channel. mean, std: (3,)
-    sequences or tensors broadcastable to (1, 3, 1, 1), in [0, 1] units."""
+def eval_transform(x: torch.Tensor, size: int, mean, std, crop: float = 1.0) -> torch.Tensor:
+    """The evaluation input: x (B, 3, H, W) uint8 -> (B, 3, size, size) float, no augmentation.
+
+    A centred square of side ``crop`` x min(H, W) (the whole image when it is square and crop
+    is 1), resized (bilinear, antialiased) to ``size`` only if it is not that size already,
+    then normalised per channel. With images stored at 256 and size 224, crop 0.875 is the
+    usual resize-256 / centre-crop-224 protocol. mean, std: (3,) sequences or tensors
+    broadcastable to (1, 3, 1, 1), in [0, 1] units."""
     _check_uint8(x)
+    h, w = x.shape[-2:]
+    if crop < 1 or h != w:
+        side = max(1, round(crop * min(h, w)))
+        top, left = (h - side) // 2, (w - side) // 2
+        x = x[..., top:top + side, left:left + side]
     y = x.float().div_(255)
     if y.shape[-1] != size or y.shape[-2] != size:
         y = F.interpolate(y, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -1,8 +1,10 @@
-"""Datasets as in-memory uint8 tensors + an index-permutation batch iterator.
+"""Datasets as uint8 tensors (in memory, or memory-mapped from the image cache) + the
+index-permutation batch iterator.
 
-Every dataset is decoded once into ``images: (N, 3, H, W) uint8`` and
-``labels: (N,) int64``; an epoch is a permutation of indices, and batches are
-gathered by indexing (no per-image Python work, no CPU augmentation).
+Every dataset is ``images: (N, 3, H, W) uint8`` and ``labels: (N,) int64``: digits and the
+torchvision formats in memory, image folders memory-mapped from the decoded-image cache
+(cache.py); an epoch is a permutation of indices, and batches are gathered by indexing (no
+per-image Python work, no CPU augmentation).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -168,11 +170,11 @@ def to_rgb8(im):
     return im.convert("RGB")
 
 
-def _decode_chunk(args: Tuple[Sequence[str], int]) -> np.ndarray:
-    """Decode files to (n, size, size, 3) uint8: resize the short side, centre crop."""
+def decode_files(paths: Sequence[str], size: int) -> np.ndarray:
+    """Decode image files to (n, size, size, 3) uint8: 8-bit RGB (to_rgb8), short side resized to
+    ``size`` (PIL bilinear), centre crop."""
     from PIL import Image
 
-    paths, size = args
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(paths):
         try:
@@ -191,36 +193,45 @@ def _decode_chunk(args: Tuple[Sequence[str], int]) -> np.ndarray:
     return out
 
 
-def _list_folder(split_dir: Path, classes: Optional[List[str]]) -> Tuple[List[str], List[int], List[str]]:
-    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    if classes is None:
-        classes = found
-    unknown = sorted(set(found) - set(classes))
+def _decode_job(args: Tuple[Sequence[str], int]) -> np.ndarray:
+    return decode_files(*args)
+
+
+def folder_splits(root: str) -> Dict[str, Path]:
+    """{'train': ROOT/train, 'test': ROOT/test or ROOT/val}, or a DataError saying what is missing."""
+    r = Path(root)
+    if not r.is_dir():
+        raise DataError(f"data root '{root}' does not exist; pass --data-root DIR with DIR/train/<class>/*.jpg")
+    train_dir = r / "train"
+    test_dir = next((r / s for s in ("test", "val") if (r / s).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"'{root}' needs train/ and test/ (or val/) subfolders, each holding <class>/ folders "
+                        "of images")
+    return {"train": train_dir, "test": test_dir}
+
+
+def list_image_folder(root: str):
+    """The folder's files per split (cache.Listing: relative paths, labels, sizes, mtimes), checked:
+    every split has images, and the test split has no class the train split lacks."""
+    from .cache import list_folder
+
+    splits = folder_splits(root)
+    listing = list_folder(root, splits, IMAGE_EXTENSIONS)
+    unknown = sorted({e.name for e in os.scandir(splits["test"]) if e.is_dir()} - set(listing.classes))
     if unknown:
-        raise DataError(f"'{split_dir}' has classes not in the train split: {unknown[:5]}")
-    paths, labels = [], []
-    for ci, c in enumerate(classes):
-        d = split_dir / c
-        if not d.is_dir():
-            continue
-        files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS))
-        paths += [str(d / f) for f in files]
-        labels += [ci] * len(files)
-    if not paths:
-        raise DataError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{split_dir}/<class>/'; expected "
-            f"ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg"
-        )
-    return paths, labels, classes
+        raise DataError(f"'{splits['test']}' has classes not in the train split: {unknown[:5]}")
+    for split, files in listing.files.items():
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{splits[split]}/<class>/'; "
+                            "expected ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg")
+    return listing
 
 
 def folder_image_size(root: str) -> int:
     """Short side of the first training image of an image folder (the default image size)."""
     from PIL import Image
 
-    train = Path(root) / "train"
-    if not train.is_dir():
-        raise DataError(f"'{root}' has no train/ folder; expected ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg")
+    train = folder_splits(root)["train"]
     for d in sorted(train.iterdir()):
         if d.is_dir():
             for f in sorted(os.listdir(d)):
@@ -236,47 +247,61 @@ def folder_image_size(root: str) -> int:
 
 
 def decode_images(paths: Sequence[str], size: int, workers: int = 0) -> torch.Tensor:
-    """Decode image files in parallel processes -> (N, 3, size, size) uint8."""
+    """Decode image files in parallel processes -> (N, 3, size, size) uint8 in memory. Each
+    decoded chunk is written into the one preallocated result (no concatenation copy)."""
     workers = workers or os.cpu_count() or 1
     chunk = max(1, min(2048, len(paths) // (4 * workers) + 1))
     jobs = [(paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
-    if workers == 1 or len(jobs) == 1:
-        parts = [_decode_chunk(j) for j in jobs]
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    parallel = workers > 1 and len(jobs) > 1
+    ex = ProcessPoolExecutor(workers) if parallel else None
+    try:
+        for k, part in enumerate(ex.map(_decode_job, jobs) if parallel else map(_decode_job, jobs)):
+            out[k * chunk:k * chunk + len(part)] = torch.from_numpy(part).permute(0, 3, 1, 2)
+    finally:
+        if ex is not None:
+            ex.shutdown()
+    return out
+
+
+def load_imagefolder(root: str, image_size: int, workers: int = 0, store_size: Optional[int] = None,
+                     cache: str = "off", cache_dir: Optional[str] = None, rebuild_before: Optional[float] = None,
+                     progress: bool = True, say=print) -> DataSplits:
+    """ROOT/train/<class>/* (pretraining + kNN bank) and ROOT/test|val/<class>/* (queries).
+
+    Images are stored at ``store_size`` (default ``image_size``): short side resized, centre
+    crop. cache 'auto' / 'rebuild': memory-mapped from the decoded-image cache in ``cache_dir``
+    (ssl_sphere.cache; built on first use); 'off': decoded into memory by this process."""
+    store = store_size or image_size
+    listing = list_image_folder(root)
+    name = Path(root).name or "imagefolder"
+    if cache == "off":
+        paths = {s: [os.path.join(root, f[0]) for f in files] for s, files in listing.files.items()}
+        check_fits_in_ram(sum(len(p) for p in paths.values()), store, f"image folder {root}")
+        arrays = {s: (decode_images(p, store, workers), torch.tensor(listing.labels[s], dtype=torch.long))
+                  for s, p in paths.items()}
+        mean, std = channel_stats(arrays["train"][0])
+        classes = listing.classes
     else:
-        with ProcessPoolExecutor(workers) as ex:
-            parts = list(ex.map(_decode_chunk, jobs))
-    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
+        from .cache import default_cache_dir, open_cached
+
+        cache_dir = cache_dir or default_cache_dir()
+        classes, arrays, mean, std = open_cached(root, listing, store, cache_dir, cache, workers, rebuild_before,
+                                                 progress, say)
+    train = Split(*arrays["train"])
+    return DataSplits(name, train, train, Split(*arrays["test"]), classes, mean, std)
 
 
-def load_imagefolder(root: str, image_size: int, workers: int = 0) -> DataSplits:
-    """ROOT/train/<class>/* (pretraining + kNN bank) and ROOT/test|val/<class>/* (queries),
-    decoded once (resize short side + centre crop to ``image_size``)."""
-    r = Path(root)
-    if not r.is_dir():
-        raise DataError(f"data root '{root}' does not exist; pass --data-root DIR with DIR/train/<class>/*.jpg")
-    train_dir = r / "train"
-    test_dir = next((r / s for s in ("test", "val") if (r / s).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DataError(f"'{root}' needs train/ and test/ (or val/) subfolders, each holding <class>/ folders "
-                        "of images")
-    tr_paths, tr_labels, classes = _list_folder(train_dir, None)
-    te_paths, te_labels, _ = _list_folder(test_dir, classes)
-    check_fits_in_ram(len(tr_paths) + len(te_paths), image_size, f"image folder {root}")
-    imgs = decode_images(tr_paths + te_paths, image_size, workers)
-    labels = torch.tensor(tr_labels + te_labels, dtype=torch.long)
-    k = len(tr_paths)
-    train = Split(imgs[:k], labels[:k])
-    mean, std = channel_stats(train.images)
-    return DataSplits(r.name or "imagefolder", train, train, Split(imgs[k:], labels[k:]), classes, mean, std)
-
-
-def load_data(dcfg) -> DataSplits:
-    """Build the splits for a data config section (see config.DataConfig)."""
+def load_data(dcfg, rebuild_before: Optional[float] = None, progress: bool = True, say=print) -> DataSplits:
+    """Build the splits for a data config section (see config.DataConfig). Image folders come from
+    the decoded-image cache (data.cache); rebuild_before: see cache.open_cached; progress / say: the
+    decode progress bar and messages (rank 0 only under DDP)."""
     name = dcfg.dataset
     if name == "digits":
         ds = load_digits(dcfg.image_size)
     elif name == "imagefolder":
-        ds = load_imagefolder(dcfg.root, dcfg.image_size, dcfg.decode_workers)
+        ds = load_imagefolder(dcfg.root, dcfg.image_size, dcfg.decode_workers, dcfg.store_size, dcfg.cache,
+                              dcfg.cache_dir, rebuild_before, progress, say)
     else:
         root = dcfg.root or os.path.join("data", name)
         ds = load_cifar(name, root, dcfg.download) if name.startswith("cifar") else load_stl10(root, dcfg.download)

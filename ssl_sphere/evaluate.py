@@ -111,6 +111,8 @@ def _checkpoint_config(args: argparse.Namespace, ckpt: Dict[str, Any], path: str
         cfg.data.mean = None
         cfg.data.std = None
         cfg.data.download = False
+        cfg.data.store_size = None
+        cfg.data.eval_crop = 1.0
     if args.data_root:
         cfg.data.root = args.data_root  # same kind of data elsewhere: keep the trained image size and statistics
     if args.backbone and args.backbone != "auto":
@@ -200,7 +202,7 @@ def features(args: argparse.Namespace, loaded: Loaded) -> Features:
     t1 = time.perf_counter()
     mean = torch.tensor(splits.mean, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(splits.std, device=dev).view(1, 3, 1, 1)
-    transform = partial(eval_transform, size=cfg.data.image_size, mean=mean, std=std)
+    transform = partial(eval_transform, size=cfg.data.image_size, mean=mean, std=std, crop=cfg.data.eval_crop)
     bs = args.batch_size or cfg.eval.batch_size
     method = loaded.model.method
     f_train = extract_features(method, bank, bs, dev, transform)

@@ -159,10 +159,12 @@ class Pretrained:
     small_images: bool
     config: Dict[str, Any]
     step: Optional[int]  # the training step the checkpoint was written at
+    eval_crop: float = 1.0  # the centred fraction of an image the evaluation view keeps (data.eval_crop)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 -> (B, 3, S, S) float normalised, resized (bilinear, antialiased) if H, W != S."""
-        return eval_transform(images, self.image_size, self.mean, self.std)
+        """(B, 3, H, W) uint8 -> (B, 3, S, S) float normalised: the centred square (eval_crop of the
+        short side), resized (bilinear, antialiased) to S if needed; as the run's evaluation saw its images."""
+        return eval_transform(images, self.image_size, self.mean, self.std, self.eval_crop)
 
 
 def load_pretrained(path: str, part: str = "backbone", device: Union[str, torch.device] = "cpu") -> Pretrained:
@@ -190,7 +192,8 @@ def load_pretrained(path: str, part: str = "backbone", device: Union[str, torch.
         module = model
     mean, std = normalisation(cfg)
     return Pretrained(module.to(device).eval(), part, int(cfg.data.image_size), mean, std, method.feature_dim,
-                      cfg.model.backbone, bool(cfg.model.small_images), ckpt["config"], ckpt.get("step"))
+                      cfg.model.backbone, bool(cfg.model.small_images), ckpt["config"], ckpt.get("step"),
+                      float(cfg.data.eval_crop))
 
 
 def backbone_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:

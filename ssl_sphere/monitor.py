@@ -81,12 +81,13 @@ class KnnMonitor:
     shard of bank and queries, the shards are gathered so the bank is the whole
     (capped) train split on every rank, and no rank waits on another's solo work."""
 
-    def __init__(self, splits, transform, ecfg, device, seed: int = 0):
-        self.cfg, self.transform, self.device = ecfg, transform, device
-        bi = stratified_subset(splits.bank.labels, ecfg.bank_size, seed)
-        ti = stratified_subset(splits.test.labels, ecfg.test_size, seed)
-        self.bank_x, self.bank_y = splits.bank.images[bi], splits.bank.labels[bi]
-        self.test_x, self.test_y = splits.test.images[ti], splits.test.labels[ti]
+    def __init__(self, splits, transform, ecfg, device, seed: int = 0, progress: bool = False):
+        self.cfg, self.transform, self.device, self.progress = ecfg, transform, device, progress
+        # indices into the splits, not copies: a memory-mapped bank is read one batch at a time
+        self.bank_i = stratified_subset(splits.bank.labels, ecfg.bank_size, seed)
+        self.test_i = stratified_subset(splits.test.labels, ecfg.test_size, seed)
+        self.bank_x, self.bank_y = splits.bank.images, splits.bank.labels[self.bank_i]
+        self.test_x, self.test_y = splits.test.images, splits.test.labels[self.test_i]
         self.num_classes = splits.num_classes
         self.start: Optional[float] = None
         self.best = float("-inf")
@@ -97,8 +98,11 @@ class KnnMonitor:
         t0 = time.perf_counter()
         c = self.cfg
         r, w = dist.rank(), dist.world_size()
-        bank = extract_features(model, self.bank_x[r::w], c.batch_size, self.device, self.transform)
-        queries = extract_features(model, self.test_x[r::w], c.batch_size, self.device, self.transform)
+        show = self.progress and r == 0
+        bank = extract_features(model, self.bank_x, c.batch_size, self.device, self.transform, self.bank_i[r::w],
+                                show, "kNN monitor: bank")
+        queries = extract_features(model, self.test_x, c.batch_size, self.device, self.transform, self.test_i[r::w],
+                                   show, "kNN monitor: queries")
         bank = dist.gather_sharded(bank, len(self.bank_y))
         queries = dist.gather_sharded(queries, len(self.test_y))
         res = knn_accuracy(bank, self.bank_y, queries, self.test_y, c.knn_k, c.knn_temperature, self.num_classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -18,6 +19,7 @@ from .checkpointer import Checkpointer, NonFiniteLoss
 from .config import ConfigError
 from .data import DataSplits, load_data, step_batches, steps_per_epoch
 from .evaluation import alignment_uniformity, extract_features, stratified_subset
+from .loader import Prefetcher
 from .methods import Method
 from .model import SSLModel, build_model, refresh_vmf
 from .monitor import KnnMonitor, RunLogger
@@ -35,13 +37,14 @@ def bf16_enabled(cfg: DictConfig, device: torch.device) -> bool:
 
 
 def place_images(images: torch.Tensor, cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """The uint8 train set on the device when it fits (data.on_device), else in (pinned) host memory.
-    Returns (images, on_device)."""
+    """The uint8 train set copied to the device once when it fits there (data.on_device), else left
+    where it is (host memory or the memory-mapped cache; batches are gathered from it one step
+    ahead, loader.Prefetcher). Returns (images, on_device)."""
     on_device = cfg.data.on_device == "yes" or (
         cfg.data.on_device == "auto" and device.type == "cuda" and images.numel() < 4 * 2**30)
     if on_device:
         return images.to(device), True
-    return (images.pin_memory() if device.type == "cuda" else images), False
+    return images, False
 
 
 class TrainStep:
@@ -81,15 +84,18 @@ class TrainStep:
             v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
         return v1, v2
 
-    def __call__(self, step: int, idx: torch.Tensor, mark: Optional[Callable[[str], None]] = None):
-        """idx: (B,) CPU indices of this rank's batch. mark(name), if given, is called after each
-        phase (the benchmark's profiler). Returns (loss, method_loss, logs, embeddings, lr)."""
+    def __call__(self, step: int, idx: torch.Tensor, mark: Optional[Callable[[str], None]] = None,
+                 x: Optional[torch.Tensor] = None):
+        """idx: (B,) CPU indices of this rank's batch; x: its (B, 3, H, W) uint8 images on the device
+        when already gathered (loader.Prefetcher), else gathered here. mark(name), if given, is called
+        after each phase (the benchmark's profiler). Returns (loss, method_loss, logs, embeddings, lr)."""
         cfg, device, optimizer = self.cfg, self.device, self.optimizer
         mark = mark or (lambda name: None)
         lr = lr_at(step, self.total, self.warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
         set_lr(optimizer, lr)
         idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
-        x = self.batch(idx, idx_dev)
+        if x is None:
+            x = self.batch(idx, idx_dev)
         mark("batch_index")
         v1, v2 = self.views(x)
         mark("augment")
@@ -273,14 +279,19 @@ def loop(run: Run, start: int) -> int:
     """Optimisation steps start..plan.stop-1 (vMF refresh, step, log, end of epoch); returns the last step."""
     cfg, plan, model, step_fn = run.cfg, run.plan, run.model, run.step_fn
     step = start
-    for step_i, idx in step_batches(len(run.splits.train), cfg.optim.batch_size, cfg.run.seed, start, plan.stop,
-                                    dist.rank(), dist.world_size()):
+    batches = step_batches(len(run.splits.train), cfg.optim.batch_size, cfg.run.seed, start, plan.stop,
+                           dist.rank(), dist.world_size())
+    if step_fn.on_device:
+        batches = ((s, i, None) for s, i in batches)  # gathered on the device inside the step
+    else:
+        batches = Prefetcher(step_fn.images, run.device, cfg.optim.batch_size)(batches)
+    for step_i, idx, x in batches:
         epoch, pos = divmod(step_i, plan.steps_per_epoch)
         if model.vmf is not None and ((step_i == start and not bool(model.vmf.initialised))
                                       or (pos == 0 and epoch % cfg.vmf.refresh_epochs == 0)):
             refresh_vmf(model, run.splits.train.images, run.aug.eval_transform, cfg, run.device,
                         seed=cfg.run.seed + epoch)
-        loss, method_loss, logs, emb, lr = step_fn(step_i, idx)
+        loss, method_loss, logs, emb, lr = step_fn(step_i, idx, x=x)
         step = step_i + 1
         if step % cfg.run.log_every == 0 or step == plan.stop:
             run.checkpointer.check_finite(step_fn.first_bad)  # every rank stops together
@@ -337,15 +348,21 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, obj
     main = rank == 0
     run_dir, ckpt = open_run_dir(cfg)
     seed_everything(cfg.run.seed + rank)
-    splits = splits if splits is not None else load_data(cfg.data)
+    if splits is None:
+        started = dist.broadcast_object(time.time())  # data.cache=rebuild: one rebuild per run, not per rank
+        splits = load_data(cfg.data, rebuild_before=started, progress=main and cfg.run.progress,
+                           say=print if main else (lambda *a: None))
+        if main:
+            print(f"[ssl_sphere] data ready in {time.time() - started:.2f}s")
     record_normalisation(cfg, splits)
     plan = Plan.of(cfg, len(splits.train), world)
 
     # build
-    aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std).to(device)
+    aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std, cfg.data.eval_crop).to(device)
     model = build_model(cfg, len(splits.train), device, world)
     optimizer = build_optimizer(model, cfg.optim)
-    monitor = KnnMonitor(splits, aug.eval_transform, cfg.eval, device, cfg.run.seed) if cfg.eval.every_epochs else None
+    monitor = (KnnMonitor(splits, aug.eval_transform, cfg.eval, device, cfg.run.seed, main and cfg.run.progress)
+               if cfg.eval.every_epochs else None)
     checkpointer = Checkpointer(run_dir, cfg, model, optimizer, monitor, plan.steps_per_epoch, plan.global_batch,
                                 world, main)
 

@@ -1,10 +1,15 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# the decoded-image cache of the tests' image folders: one fresh directory per test session (subprocesses
+# inherit it), never the user's ~/.cache
+os.environ.setdefault("SSL_SPHERE_CACHE", tempfile.mkdtemp(prefix="ssl_sphere_test_cache_"))
 CIFAR_FOLDER = Path(os.environ.get("SSL_SPHERE_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
 
 

@@ -133,7 +133,7 @@ def _claim(out, q):
 
 
 def test_concurrent_runs_claim_distinct_directories(tmp_path):
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_claim, args=(str(tmp_path), q)) for _ in range(6)]
     for p in procs:

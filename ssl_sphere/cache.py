@@ -1,0 +1,299 @@
+"""The decoded-image cache of image folders: decoded once per machine into fixed-size uint8
+arrays on disk with a manifest, then memory-mapped by every run, rank and eval CLI.
+
+Layout of one cache entry, ``<cache_dir>/<folder name>-<hash of its path>-s<store size>/``:
+
+* ``train.u8``, ``test.u8``: raw (N, 3, S, S) uint8 arrays (numpy memmaps; S = store size),
+* ``train_labels.npy``, ``test_labels.npy``: (N,) int64,
+* ``manifest.json``: format version, folder, store size and resize policy, class names,
+  per-split image count, a digest of the file list, channel statistics of the training
+  images, and the build time; ``files.json``: every source file with its size and mtime (a
+  changed folder is detected from the digest, and the file list says what changed).
+
+Built into ``<entry>.tmp-<pid>`` and renamed when complete, under an exclusive ``flock`` on
+``<entry>.lock``: one process of a node builds, the others wait and then map the result; a
+build that dies leaves only a temp directory that no run trusts (removed by the next build).
+Memory maps are read-only views of the files (numpy memmap), so the pages live once in the
+OS page cache however many processes read them, and a dataset larger than RAM streams from
+disk. Hand-written because neither torchvision nor lightly has a decoded-image cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+RESIZE_POLICY = "short side to S (PIL bilinear), centre crop S x S, 16-bit grey scaled to 8 bit"
+
+
+class CacheError(UserError, RuntimeError):
+    """A cache that cannot be used as it is; the message names the file and the fix."""
+
+
+def default_cache_dir() -> str:
+    """$SSL_SPHERE_CACHE, else $XDG_CACHE_HOME/ssl_sphere, else ~/.cache/ssl_sphere."""
+    if os.environ.get("SSL_SPHERE_CACHE"):
+        return os.environ["SSL_SPHERE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ssl_sphere")
+
+
+def entry_dir(root: str, store_size: int, cache_dir: str) -> str:
+    path = os.path.abspath(root)
+    digest = hashlib.sha1(path.encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, f"{Path(path).name or 'folder'}-{digest}-s{store_size}")
+
+
+@dataclass
+class Listing:
+    """An image folder's files: per split the relative paths, labels, sizes and mtimes."""
+
+    classes: List[str]
+    files: Dict[str, List[Tuple[str, int, int]]]  # split -> [(relative path, size, mtime_ns)]
+    labels: Dict[str, List[int]]
+
+    def signature(self) -> Dict[str, List[List]]:
+        return {s: [list(f) for f in fs] for s, fs in self.files.items()}
+
+    def digest(self) -> str:
+        """One hash of every (split, path, size, mtime, label): equal digests, unchanged folder."""
+        h = hashlib.sha1()
+        for split, files in self.files.items():
+            h.update(split.encode())
+            h.update("\n".join(f"{p}\t{s}\t{m}\t{y}" for (p, s, m), y in zip(files, self.labels[split])).encode())
+        h.update("\n".join(self.classes).encode())
+        return h.hexdigest()
+
+
+def _scan_class(cdir: str, prefix: str, ext: Tuple[str, ...]) -> List[Tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of the images in one class folder, sorted by name. The
+    hot loop of a warm start (one stat per file): kept to the bare minimum of Python work."""
+    if not os.path.isdir(cdir):
+        return []
+    out: List[Tuple[str, int, int]] = []
+    add = out.append
+    for e in os.scandir(cdir):
+        name = e.name
+        if name.lower().endswith(ext):
+            st = e.stat()
+            add((prefix + name, st.st_size, st.st_mtime_ns))
+    out.sort()
+    return out
+
+
+def list_folder(root: str, splits: Dict[str, Path], image_ext: Sequence[str]) -> Listing:
+    """Files of ROOT/<split>/<class>/* with their sizes and mtimes (one stat per file; threads
+    measured slower here, the loop is bound by the interpreter, not by the syscalls)."""
+    ext = tuple(image_ext)
+    classes = sorted(e.name for e in os.scandir(splits["train"]) if e.is_dir())
+    files: Dict[str, List[Tuple[str, int, int]]] = {}
+    labels: Dict[str, List[int]] = {}
+    for split, d in splits.items():
+        files[split], labels[split] = [], []
+        rel = os.path.relpath(d, root)
+        for ci, c in enumerate(classes):
+            found = _scan_class(os.path.join(d, c), f"{rel}/{c}/", ext)
+            files[split] += found
+            labels[split] += [ci] * len(found)
+    return Listing(classes, files, labels)
+
+
+def why_stale(manifest: Dict, listing: Listing, store_size: int, entry: str) -> Optional[str]:
+    """None if the manifest describes this folder listing at this store size, else the reason
+    (from the entry's files.json, the full file list, read only when the digests differ)."""
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return f"cache format {manifest.get('format_version')} is not the current {FORMAT_VERSION}"
+    if manifest.get("store_size") != store_size or manifest.get("resize_policy") != RESIZE_POLICY:
+        return "the stored size or resize policy changed"
+    if manifest.get("classes") != listing.classes:
+        return "the class folders changed"
+    if manifest.get("listing_digest") == listing.digest():
+        return None
+    try:
+        with open(os.path.join(entry, "files.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return "the folder changed"
+    reasons = []
+    for split, now in listing.files.items():
+        before = {f[0]: (f[1], f[2]) for f in saved.get(split, [])}
+        current = {f[0]: (f[1], f[2]) for f in now}
+        added = len(current.keys() - before.keys())
+        removed = len(before.keys() - current.keys())
+        modified = sum(before[k] != current[k] for k in current.keys() & before.keys())
+        for n, what in ((added, "added"), (removed, "removed"), (modified, "modified (size or time)")):
+            if n:
+                reasons.append(f"{n} {split} file(s) {what}")
+    return "; ".join(reasons) or "the folder changed (labels or order)"
+
+
+def _decode_into(args) -> int:
+    """Worker: decode files into rows [start, start + n) of the (N, 3, S, S) memmap at ``path``."""
+    from .data import decode_files
+
+    path, n_total, start, paths, size = args
+    out = np.memmap(path, dtype=np.uint8, mode="r+", shape=(n_total, 3, size, size))
+    out[start:start + len(paths)] = decode_files(paths, size).transpose(0, 3, 1, 2)
+    out.flush()
+    del out
+    return len(paths)
+
+
+def _build(root: str, listing: Listing, store_size: int, final: str, workers: int, progress: bool) -> None:
+    """Decode every image into ``<final>.tmp-<pid>`` in parallel (each worker writes its chunk
+    straight into the memmap: peak memory is one chunk per worker), then rename it to ``final``."""
+    from tqdm import tqdm
+
+    from .data import channel_stats
+
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    workers = workers or os.cpu_count() or 1
+    total = sum(len(f) for f in listing.files.values())
+    bar = tqdm(total=total, desc=f"decoding {root} into the cache", unit="img", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        for split, files in listing.files.items():
+            n = len(files)
+            path = os.path.join(tmp, f"{split}.u8")
+            with open(path, "wb") as f:
+                f.truncate(n * 3 * store_size * store_size)
+            chunk = max(1, min(512, n // (4 * workers) + 1))
+            jobs = [(path, n, i, [os.path.join(root, f[0]) for f in files[i:i + chunk]], store_size)
+                    for i in range(0, n, chunk)]
+            if workers == 1 or len(jobs) == 1:
+                for j in jobs:
+                    bar.update(_decode_into(j))
+            else:
+                with ProcessPoolExecutor(workers) as ex:
+                    for done in ex.map(_decode_into, jobs):
+                        bar.update(done)
+            np.save(os.path.join(tmp, f"{split}_labels.npy"), np.asarray(listing.labels[split], dtype=np.int64))
+        train = _map(os.path.join(tmp, "train.u8"), len(listing.files["train"]), store_size)
+        mean, std = channel_stats(train)
+        manifest = {"format_version": FORMAT_VERSION, "root": os.path.abspath(root), "store_size": store_size,
+                    "resize_policy": RESIZE_POLICY, "classes": listing.classes,
+                    "counts": {s: len(f) for s, f in listing.files.items()}, "mean": list(mean), "std": list(std),
+                    "listing_digest": listing.digest(), "created": time.time()}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        with open(os.path.join(tmp, "files.json"), "w") as f:  # every source file with its size and mtime
+            json.dump(listing.signature(), f)
+        for name in os.listdir(tmp):  # data on disk before the rename makes the entry visible
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+
+
+def _map(path: str, n: int, size: int) -> torch.Tensor:
+    """The (n, 3, size, size) uint8 file at ``path`` as a read-only memory-mapped tensor."""
+    mm = np.memmap(path, dtype=np.uint8, mode="r", shape=(n, 3, size, size))
+    with warnings.catch_warnings():  # the mapping is read-only by design; nothing writes into it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(mm)
+
+
+def _open(entry: str, manifest: Dict, store_size: int):
+    """The entry's (images, labels) per split, after checking every file is complete."""
+    out = {}
+    for split, n in manifest["counts"].items():
+        path = os.path.join(entry, f"{split}.u8")
+        want = n * 3 * store_size * store_size
+        have = os.path.getsize(path) if os.path.exists(path) else -1
+        if have != want:
+            raise CacheError(f"cache file {path} is {'missing' if have < 0 else f'{have} bytes, expected {want}'} "
+                             "(truncated or damaged); rebuild it with data.cache=rebuild")
+        try:
+            labels = torch.from_numpy(np.load(os.path.join(entry, f"{split}_labels.npy")))
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cache file {os.path.join(entry, f'{split}_labels.npy')} is unreadable ({exc}); "
+                             "rebuild it with data.cache=rebuild") from None
+        if labels.shape != (n,):
+            raise CacheError(f"cache labels of {split} in {entry} do not match its manifest; rebuild it with "
+                             "data.cache=rebuild")
+        out[split] = (_map(path, n, store_size), labels)
+    return out
+
+
+def _read_manifest(entry: str) -> Optional[Dict]:
+    path = os.path.join(entry, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"cache manifest {path} is unreadable ({exc}); rebuild it with data.cache=rebuild") from None
+
+
+def _check_space(cache_dir: str, listing: Listing, store_size: int) -> None:
+    need = sum(len(f) for f in listing.files.values()) * 3 * store_size**2
+    free = shutil.disk_usage(cache_dir).free
+    if need * 1.05 + 2**20 > free:
+        raise CacheError(f"the decoded-image cache needs {need / 2**30:.2f} GiB in {cache_dir} but only "
+                         f"{free / 2**30:.2f} GiB are free; set data.cache_dir to a disk with room "
+                         "(or data.cache=off to decode into memory)")
+
+
+def open_cached(root: str, listing: Listing, store_size: int, cache_dir: str, mode: str = "auto",
+                workers: int = 0, rebuild_before: Optional[float] = None, progress: bool = True, say=print):
+    """Memory-mapped splits of an image folder, building or rebuilding its cache entry when needed.
+
+    listing: the folder as it is now (list_folder). Returns (classes, {split: (images (N, 3, S, S)
+    uint8 memmap tensor, labels (N,))}, mean, std).
+    mode: 'auto' (build if missing or stale) or 'rebuild' (rebuild an entry built before
+    ``rebuild_before``, a time stamp shared by the ranks of one run, so it is rebuilt once)."""
+    os.makedirs(cache_dir, exist_ok=True)
+    entry = entry_dir(root, store_size, cache_dir)
+    with open(entry + ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per machine; the others wait here
+        try:
+            for stale in Path(cache_dir).glob(Path(entry).name + ".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a build that died: never trusted
+            manifest = _read_manifest(entry)
+            reason = None
+            if manifest is None:
+                reason = "no cache yet" if not os.path.exists(entry) else "the cache has no manifest"
+            elif mode == "rebuild" and manifest.get("created", 0) < (rebuild_before or time.time()):
+                reason = "data.cache=rebuild"
+            else:
+                reason = why_stale(manifest, listing, store_size, entry)
+            if reason is not None:
+                _check_space(cache_dir, listing, store_size)
+                say(f"[ssl_sphere] building the image cache {entry} ({reason})")
+                t0 = time.time()
+                _build(root, listing, store_size, entry, workers, progress)
+                with open(entry + ".builds.log", "a") as log:  # who built this entry, when and why
+                    log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {os.uname().nodename} pid {os.getpid()}: "
+                              f"{sum(len(f) for f in listing.files.values())} images in {time.time() - t0:.1f}s "
+                              f"({reason})\n")
+                manifest = _read_manifest(entry)
+            arrays = _open(entry, manifest, store_size)
+            say(f"[ssl_sphere] image cache {entry} (memory-mapped; data.cache_dir={cache_dir})")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return manifest["classes"], arrays, tuple(manifest["mean"]), tuple(manifest["std"])
