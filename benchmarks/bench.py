@@ -59,7 +59,7 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 # the CIFAR-10 image folder beside the checkout (../shared/data/cifar10), or $SSL_SPHERE_CIFAR10
 DEFAULT_DATA = Path(os.environ.get("SSL_SPHERE_CIFAR10",
                                    Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"))
-AUG_PIPELINES = ("ssl_sphere", "kornia_stock", "torchvision_cpu")
+AUG_PIPELINES = ("ssl_sphere", "ssl_sphere_yiq", "kornia_stock", "torchvision_cpu")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -210,9 +210,14 @@ def bench_augment_size(size: int, batch: int, device: torch.device, data: str, r
     mean, std = CIFAR_MEAN, CIFAR_STD
 
     fns: Dict[str, Callable[[], None]] = {}
-    if "ssl_sphere" in pipelines:
+    if "ssl_sphere" in pipelines:  # the default: torchvision's exact HSV hue shift
         ours = Augmenter(a, size, mean, std).to(device)
         fns["ssl_sphere"] = lambda: ours.views(x)
+    if "ssl_sphere_yiq" in pipelines:  # the opt-in linear hue approximation (aug.hue_mode=yiq)
+        yiq_cfg = a.copy()
+        yiq_cfg.hue_mode = "yiq"
+        ours_yiq = Augmenter(yiq_cfg, size, mean, std).to(device)
+        fns["ssl_sphere_yiq"] = lambda: ours_yiq.views(x)
     if "kornia_stock" in pipelines:
         ks = kornia_stock(a, size, mean, std, device)
 
@@ -507,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--repeats", type=int, default=10, help="timed repeats per pipeline (default 10)")
     a.add_argument("--max-seconds", type=float, default=60.0,
                    help="stop timing a pipeline once its repeats add up to this (min 3 repeats; default 60)")
-    a.add_argument("--pipelines", default=",".join(AUG_PIPELINES), help="subset to run (default: all three)")
+    a.add_argument("--pipelines", default=",".join(AUG_PIPELINES), help="subset to run (default: all four)")
 
     s = sub.add_parser("step", help="training-step views/s: ssl_sphere pipeline vs backbone-only (vs lightly)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -51,17 +51,18 @@ def results(recs, kind: str):
 
 
 def augment_table(recs) -> str:
-    rows = ["| file | threads | size px | batch | ssl_sphere views/s | kornia_stock views/s | torchvision_cpu views/s "
-            "| ssl_sphere / kornia | ssl_sphere / torchvision | load avg (1 min) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| file | threads | size px | batch | ssl_sphere views/s | ssl_sphere hue yiq views/s "
+            "| kornia_stock views/s | torchvision_cpu views/s | ssl_sphere / kornia | ssl_sphere / torchvision "
+            "| load avg (1 min) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec, r in results(recs, "augment"):
         thr = rec["machine"].get("torch_threads")
         v = r["views_per_s"]
         ours = v.get("ssl_sphere")
         up = lambda k: f"{ours / v[k]:.1f}x" if ours and v.get(k) else "–"  # noqa: E731
-        rows.append(f"| `{rec['file']}` | {thr} | {r['image_size']} | {r['batch']} | {fmt(ours)} | "
-                    f"{fmt(v.get('kornia_stock'))} | {fmt(v.get('torchvision_cpu'))} | {up('kornia_stock')} | "
-                    f"{up('torchvision_cpu')} | {load_str(rec)} |")
+        others = " | ".join(fmt(v.get(k)) for k in ("ssl_sphere_yiq", "kornia_stock", "torchvision_cpu"))
+        rows.append(f"| `{rec['file']}` | {thr} | {r['image_size']} | {r['batch']} | {fmt(ours)} | {others} | "
+                    f"{up('kornia_stock')} | {up('torchvision_cpu')} | {load_str(rec)} |")
     return "\n".join(rows)
 
 

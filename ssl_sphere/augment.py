@@ -4,15 +4,14 @@ Input: (B, 3, H, W) uint8 on the training device. Output: normalised float views
 The ops and their parameter ranges follow torchvision's transforms as used by
 SimCLR (Chen et al. 2020, Appendix A) and BYOL (Grill et al. 2020, Table 6):
 
-* random resized crop + horizontal flip: one batched affine ``grid_sample``
-  (flip folded into the affine matrix), instead of a per-image crop/resize;
-* colour jitter (p=0.8) with brightness/contrast/saturation as per-sample
-  blends and hue as a per-sample rotation in YIQ space, applied in an
-  independent random order per sample. DEVIATION: torchvision shifts hue in
-  HSV; the YIQ rotation is the standard linear approximation (error bounded
-  in tests/test_augment.py); being linear, it joins the other three ops in
-  one 3x3 map per order slot instead of an HSV round trip with per-pixel
-  branches;
+* random resized crop + horizontal flip: torchvision's crop distribution (integer
+  sizes and corners, central fallback), then one batched ``grid_sample`` (flip folded
+  into the sampling grid) instead of a per-image crop/resize;
+* colour jitter (p=0.8) in an independent random order per sample: brightness,
+  contrast and saturation as per-sample affine maps (one 3x3 map per order slot),
+  hue as torchvision's exact HSV shift (``hue_shift``); ``aug.hue_mode=yiq`` swaps
+  in a YIQ rotation that joins the affine maps (faster, opt-in; a linear
+  approximation that misses the drawn hue by up to ~1.45x per pixel);
 * random grayscale (p=0.2), Gaussian blur (kornia's kernel, per-sample sigma, as
   two batched matmuls), solarisation (BYOL) and normalisation with the dataset
   statistics; grayscale and normalisation are one fused 3x3 map at the end.
@@ -65,33 +64,38 @@ def _uniform(shape, lo: float, hi: float, device) -> torch.Tensor:
 
 def sample_crops(b: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float], device,
                  tries: int = 10) -> torch.Tensor:
-    """torchvision RandomResizedCrop.get_params, vectorised: up to ``tries`` draws per
-    sample, first valid one kept, else the whole image clamped to the ratio range.
+    """torchvision's RandomResizedCrop.get_params with the same distribution, vectorised over the
+    batch: up to ``tries`` draws per sample of target area ~ U(scale) x H x W and log aspect ratio
+    ~ U(log ratio), rounded to integer w = round(sqrt(area r)), h = round(sqrt(area / r)); the
+    first draw with 0 < w <= W and 0 < h <= H is kept and placed at an integer corner drawn
+    uniformly from [0, W - w] x [0, H - h]. With no valid draw: the central crop of the whole
+    image clamped to the ratio range, as torchvision. (A continuous corner in [0, W - w] would
+    put the border columns inside the crop less often than torchvision does.)
 
-    Returns (B, 4) crops as (x0, y0, w, h) in pixels (continuous)."""
+    Returns (B, 4) crops as (x0, y0, w, h), integer pixel values in a float tensor."""
     area = height * width
     s = _uniform((b, tries), scale[0], scale[1], device) * area
-    logr = _uniform((b, tries), math.log(ratio[0]), math.log(ratio[1]), device)
-    r = torch.exp(logr)
-    w, h = torch.sqrt(s * r), torch.sqrt(s / r)
-    ok = (w <= width) & (h <= height)
+    r = torch.exp(_uniform((b, tries), math.log(ratio[0]), math.log(ratio[1]), device))
+    w, h = torch.round(torch.sqrt(s * r)), torch.round(torch.sqrt(s / r))  # round half to even, as Python's round
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.argmax(ok.int(), dim=1, keepdim=True)  # index of the first valid try
     any_ok = ok.any(1)
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
-    # fallback (torchvision): whole image, aspect clamped to the ratio range
+    # integer corner uniform over [0, W - w] (torch.randint(0, W - w + 1) in torchvision)
+    x0 = torch.floor(torch.rand(b, device=device) * (width - w + 1)).clamp_max_(width - w)
+    y0 = torch.floor(torch.rand(b, device=device) * (height - h + 1)).clamp_max_(height - h)
+    # fallback (torchvision): central crop, whole image clamped to the ratio range
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        fw, fh = width, width / ratio[0]
+        fw, fh = width, int(round(width / ratio[0]))
     elif in_ratio > ratio[1]:
-        fw, fh = height * ratio[1], height
+        fw, fh = int(round(height * ratio[1])), height
     else:
         fw, fh = width, height
-    w = torch.where(any_ok, w, torch.full_like(w, fw))
-    h = torch.where(any_ok, h, torch.full_like(h, fh))
-    x0 = torch.rand(b, device=device) * (width - w)
-    y0 = torch.rand(b, device=device) * (height - h)
-    return torch.stack([x0, y0, w, h], 1)
+    fallback = torch.tensor([(width - fw) // 2, (height - fh) // 2, fw, fh], dtype=w.dtype, device=device)
+    crops = torch.stack([x0, y0, w, h], 1)
+    return torch.where(any_ok.view(-1, 1), crops, fallback)
 
 
 def crop_resize_flip(x: torch.Tensor, crops: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
@@ -126,9 +130,37 @@ def hue_matrices(h: torch.Tensor) -> torch.Tensor:
     return c.yiq2rgb @ rot @ c.rgb2yiq
 
 
-def adjust_hue(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x: (B, 3, H, W) in [0, 1]; h: (B,) shifts in turns."""
+def adjust_hue_yiq(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x: (B, 3, H, W) in [0, 1]; h: (B,) shifts in turns. The YIQ rotation (aug.hue_mode=yiq):
+    a linear approximation of torchvision's HSV shift (see color_jitter_)."""
     return torch.einsum("bij,bjhw->bihw", hue_matrices(h), x).clamp_(0, 1)
+
+
+# HSV -> RGB channel offsets n of f(n) = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6
+_HSV_N = (5.0, 3.0, 1.0)
+
+
+def hue_shift(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Exact HSV hue shift, batched: x (N, 3, L) or (N, 3, H, W) in [0, 1], h (N,) in turns.
+    Each pixel's hue moves by exactly h (mod 1) while its saturation and value stay, as
+    torchvision's adjust_hue (RGB -> HSV, shift, HSV -> RGB; equal to it up to float rounding).
+
+    Written out instead of kornia.enhance.adjust_hue, which matches torchvision as closely but
+    measured ~15x slower on a CPU: the round trip collapses to max / min / chroma, one hue
+    angle and the closed-form HSV -> RGB (V - C clamp(min(k, 4 - k), 0, 1) per channel)."""
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    v = torch.maximum(torch.maximum(r, g), b)
+    c = v - torch.minimum(torch.minimum(r, g), b)  # chroma V * S
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    # hue in sixths of a turn from the channel holding the max (torchvision's order: r, then g, then b)
+    hr = ((g - b) / safe) % 6
+    hg = (b - r) / safe + 2
+    hb = (r - g) / safe + 4
+    six = torch.where(v == r, hr, torch.where(v == g, hg, hb))
+    six = (six + 6 * h.view(-1, *[1] * (x.dim() - 1))) % 6
+    n = torch.tensor(_HSV_N, device=x.device, dtype=x.dtype).view(1, 3, *[1] * (x.dim() - 2))
+    k = (n + six) % 6
+    return v - c * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
 def adjust_brightness(x, f):
@@ -146,18 +178,34 @@ def adjust_saturation(x, f):
     return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
 
 
+def _rows_(y: torch.Tensor, rows: torch.Tensor, fn) -> None:
+    """y[rows] = fn(y[rows], row indices) in place for a (B,) bool mask ``rows``. On a CPU the
+    selected rows are gathered (the count costs nothing there); on CUDA fn runs on every row
+    and torch.where keeps the selected ones, so the step never waits for the host."""
+    if y.is_cuda:
+        y.copy_(torch.where(rows.view(-1, *[1] * (y.dim() - 1)), fn(y, slice(None)), y))
+        return
+    idx = rows.nonzero().squeeze(1)
+    if idx.numel():
+        y[idx] = fn(y[idx], idx)
+
+
 def color_jitter_(x: torch.Tensor, p: float, strengths: Sequence[float],
-                  scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  scratch: Optional[torch.Tensor] = None, hue_mode: str = "exact") -> torch.Tensor:
     """x: (B, 3, H, W) in [0, 1], jittered IN PLACE and returned; scratch: optional
     contiguous workspace with x's number of elements (allocated if None).
 
     torchvision ColorJitter(b, c, s, h) applied with probability p per sample, the
     four ops in a random order per sample, clamped after each op as torchvision does.
 
-    Every op is a per-sample affine map of the RGB vector (brightness f*I, contrast
-    f*I + (1-f)*grey mean, saturation f*I + (1-f)*1 luma^T, hue a YIQ rotation), so
-    each of the 4 order slots is ONE batched 3x3 matrix product (baddbmm) + clamp;
-    samples not jittered get identity parameters."""
+    Brightness (f*I), contrast (f*I + (1-f)*grey mean) and saturation (f*I + (1-f)*1 luma^T)
+    are per-sample affine maps of the RGB vector, so each of the 4 order slots is ONE
+    batched 3x3 matrix product (baddbmm) + clamp; samples not jittered get identity
+    parameters. Hue (hue_mode 'exact', the default) is torchvision's HSV shift, applied in
+    its slot to the samples whose drawn order puts it there (hue_shift). hue_mode 'yiq':
+    a rotation about the grey axis in YIQ space instead, which joins the affine maps
+    (faster; DEVIATION from torchvision: per pixel it shifts the hue by 0.7-1.45x the
+    drawn amount and changes HSV saturation; opt-in, see README "Augmentation")."""
     bri, con, sat, hue = strengths
     b, c, h, w = x.shape
     if not x.is_contiguous() or (scratch is not None and (scratch.numel() != x.numel() or scratch.dtype != x.dtype
@@ -174,11 +222,12 @@ def color_jitter_(x: torch.Tensor, p: float, strengths: Sequence[float],
     order = torch.argsort(torch.rand(b, 4, device=dev), dim=1)  # per-sample permutation of the 4 ops
     luma = _colour(dev, dt).luma
     eye = torch.eye(3, device=dev, dtype=dt).expand(b, 3, 3)
+    exact = hue_mode == "exact"
     mats = torch.stack([
         fb.view(-1, 1, 1) * eye,
         fc.view(-1, 1, 1) * eye,
         fs.view(-1, 1, 1) * eye + (1 - fs).view(-1, 1, 1) * luma.view(1, 1, 3),
-        hue_matrices(fh),
+        eye if exact else hue_matrices(fh),  # exact: the hue slot's linear map is the identity
     ], 1)  # (B, 4, 3, 3)
     slots = mats.gather(1, order.view(b, 4, 1, 1).expand(b, 4, 3, 3))  # (B, 4, 3, 3) in drawn order
     con_off = torch.where(order == 1, (1 - fc).view(-1, 1), torch.zeros_like(fc).view(-1, 1))  # (B, 4)
@@ -191,6 +240,8 @@ def color_jitter_(x: torch.Tensor, p: float, strengths: Sequence[float],
         # contrast blends towards the grey mean of the CURRENT image, so it is read per slot
         off = con_off[:, slot] * (src.mean(2) @ luma)  # (B,)
         torch.baddbmm(off.view(-1, 1, 1).expand(b, 3, 1), slots[:, slot], src, out=dst).clamp_(0, 1)
+        if exact:
+            _rows_(dst, (order[:, slot] == 3) & (fh != 0), lambda y, i: hue_shift(y, fh[i]))
     return x
 
 
@@ -285,7 +336,8 @@ class Augmenter(nn.Module):
         # (two multi-MB allocations per call instead of seven; see color_jitter_)
         spare = xf if xf.numel() == y.numel() and xf.is_contiguous() else torch.empty_like(y)
         if a.jitter_p > 0:
-            color_jitter_(y, a.jitter_p, (a.brightness, a.contrast, a.saturation, a.hue), scratch=spare)
+            color_jitter_(y, a.jitter_p, (a.brightness, a.contrast, a.saturation, a.hue), scratch=spare,
+                          hue_mode=a.hue_mode)
         # torchvision's order is grayscale -> blur -> solarise -> normalise. Grayscale is a
         # per-pixel channel mix and the blur filters every channel with the same kernel, so
         # the two commute exactly: blur first, then grayscale and normalisation fold into

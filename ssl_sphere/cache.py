@@ -62,39 +62,49 @@ def entry_dir(root: str, store_size: int, cache_dir: str) -> str:
 
 @dataclass
 class Listing:
-    """An image folder's files: per split the relative paths, labels, sizes and mtimes."""
+    """An image folder's files per split: relative paths, and as int64 arrays their sizes,
+    mtimes (ns) and labels. Arrays, not per-file Python objects: the listing of a
+    million-image folder then costs tens of MB, not hundreds, in every process that reads it."""
 
     classes: List[str]
-    files: Dict[str, List[Tuple[str, int, int]]]  # split -> [(relative path, size, mtime_ns)]
-    labels: Dict[str, List[int]]
+    paths: Dict[str, List[str]]
+    sizes: Dict[str, np.ndarray]
+    mtimes: Dict[str, np.ndarray]
+    labels: Dict[str, np.ndarray]
+
+    def count(self, split: Optional[str] = None) -> int:
+        return len(self.paths[split]) if split else sum(len(p) for p in self.paths.values())
 
     def signature(self) -> Dict[str, List[List]]:
-        return {s: [list(f) for f in fs] for s, fs in self.files.items()}
+        """{split: [[path, size, mtime_ns], ...]} (files.json of a cache entry)."""
+        return {s: [[p, int(z), int(m)] for p, z, m in zip(self.paths[s], self.sizes[s], self.mtimes[s])]
+                for s in self.paths}
 
     def digest(self) -> str:
-        """One hash of every (split, path, size, mtime, label): equal digests, unchanged folder."""
-        h = hashlib.sha1()
-        for split, files in self.files.items():
-            h.update(split.encode())
-            h.update("\n".join(f"{p}\t{s}\t{m}\t{y}" for (p, s, m), y in zip(files, self.labels[split])).encode())
-        h.update("\n".join(self.classes).encode())
+        """One hash of every split's paths, sizes, mtimes and labels, and the class names:
+        equal digests, unchanged folder."""
+        h = hashlib.sha1("\n".join(self.classes).encode())
+        for s in self.paths:
+            h.update(s.encode())
+            h.update("\n".join(self.paths[s]).encode())
+            for a in (self.sizes[s], self.mtimes[s], self.labels[s]):
+                h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
         return h.hexdigest()
 
 
-def _scan_class(cdir: str, prefix: str, ext: Tuple[str, ...]) -> List[Tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of the images in one class folder, sorted by name. The
-    hot loop of a warm start (one stat per file): kept to the bare minimum of Python work."""
+def _scan_class(cdir: str, ext: Tuple[str, ...]):
+    """(names, sizes, mtimes) of the images in one class folder, sorted by name. The hot loop of a
+    warm start (one stat per file), kept to the bare minimum of Python work."""
     if not os.path.isdir(cdir):
-        return []
-    out: List[Tuple[str, int, int]] = []
-    add = out.append
+        return [], [], []
+    found = []
     for e in os.scandir(cdir):
         name = e.name
         if name.lower().endswith(ext):
             st = e.stat()
-            add((prefix + name, st.st_size, st.st_mtime_ns))
-    out.sort()
-    return out
+            found.append((name, st.st_size, st.st_mtime_ns))
+    found.sort()
+    return [f[0] for f in found], [f[1] for f in found], [f[2] for f in found]
 
 
 def list_folder(root: str, splits: Dict[str, Path], image_ext: Sequence[str]) -> Listing:
@@ -102,16 +112,21 @@ def list_folder(root: str, splits: Dict[str, Path], image_ext: Sequence[str]) ->
     measured slower here, the loop is bound by the interpreter, not by the syscalls)."""
     ext = tuple(image_ext)
     classes = sorted(e.name for e in os.scandir(splits["train"]) if e.is_dir())
-    files: Dict[str, List[Tuple[str, int, int]]] = {}
-    labels: Dict[str, List[int]] = {}
+    paths: Dict[str, List[str]] = {}
+    arrays: Dict[str, Dict[str, np.ndarray]] = {"sizes": {}, "mtimes": {}, "labels": {}}
     for split, d in splits.items():
-        files[split], labels[split] = [], []
         rel = os.path.relpath(d, root)
+        paths[split], sizes, mtimes, labels = [], [], [], []
         for ci, c in enumerate(classes):
-            found = _scan_class(os.path.join(d, c), f"{rel}/{c}/", ext)
-            files[split] += found
-            labels[split] += [ci] * len(found)
-    return Listing(classes, files, labels)
+            names, z, m = _scan_class(os.path.join(d, c), ext)
+            prefix = f"{rel}/{c}/"
+            paths[split] += [prefix + n for n in names]
+            sizes += z
+            mtimes += m
+            labels += [ci] * len(names)
+        for key, vals in (("sizes", sizes), ("mtimes", mtimes), ("labels", labels)):
+            arrays[key][split] = np.asarray(vals, dtype=np.int64)
+    return Listing(classes, paths, arrays["sizes"], arrays["mtimes"], arrays["labels"])
 
 
 def why_stale(manifest: Dict, listing: Listing, store_size: int, entry: str) -> Optional[str]:
@@ -131,7 +146,7 @@ def why_stale(manifest: Dict, listing: Listing, store_size: int, entry: str) -> 
     except (OSError, ValueError):
         return "the folder changed"
     reasons = []
-    for split, now in listing.files.items():
+    for split, now in listing.signature().items():
         before = {f[0]: (f[1], f[2]) for f in saved.get(split, [])}
         current = {f[0]: (f[1], f[2]) for f in now}
         added = len(current.keys() - before.keys())
@@ -166,17 +181,17 @@ def _build(root: str, listing: Listing, store_size: int, final: str, workers: in
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     workers = workers or os.cpu_count() or 1
-    total = sum(len(f) for f in listing.files.values())
+    total = listing.count()
     bar = tqdm(total=total, desc=f"decoding {root} into the cache", unit="img", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     try:
-        for split, files in listing.files.items():
+        for split, files in listing.paths.items():
             n = len(files)
             path = os.path.join(tmp, f"{split}.u8")
             with open(path, "wb") as f:
                 f.truncate(n * 3 * store_size * store_size)
             chunk = max(1, min(512, n // (4 * workers) + 1))
-            jobs = [(path, n, i, [os.path.join(root, f[0]) for f in files[i:i + chunk]], store_size)
+            jobs = [(path, n, i, [os.path.join(root, f) for f in files[i:i + chunk]], store_size)
                     for i in range(0, n, chunk)]
             if workers == 1 or len(jobs) == 1:
                 for j in jobs:
@@ -185,12 +200,12 @@ def _build(root: str, listing: Listing, store_size: int, final: str, workers: in
                 with ProcessPoolExecutor(workers) as ex:
                     for done in ex.map(_decode_into, jobs):
                         bar.update(done)
-            np.save(os.path.join(tmp, f"{split}_labels.npy"), np.asarray(listing.labels[split], dtype=np.int64))
-        train = _map(os.path.join(tmp, "train.u8"), len(listing.files["train"]), store_size)
+            np.save(os.path.join(tmp, f"{split}_labels.npy"), listing.labels[split])
+        train = _map(os.path.join(tmp, "train.u8"), listing.count("train"), store_size)
         mean, std = channel_stats(train)
         manifest = {"format_version": FORMAT_VERSION, "root": os.path.abspath(root), "store_size": store_size,
                     "resize_policy": RESIZE_POLICY, "classes": listing.classes,
-                    "counts": {s: len(f) for s, f in listing.files.items()}, "mean": list(mean), "std": list(std),
+                    "counts": {s: listing.count(s) for s in listing.paths}, "mean": list(mean), "std": list(std),
                     "listing_digest": listing.digest(), "created": time.time()}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
@@ -251,7 +266,7 @@ def _read_manifest(entry: str) -> Optional[Dict]:
 
 
 def _check_space(cache_dir: str, listing: Listing, store_size: int) -> None:
-    need = sum(len(f) for f in listing.files.values()) * 3 * store_size**2
+    need = listing.count() * 3 * store_size**2
     free = shutil.disk_usage(cache_dir).free
     if need * 1.05 + 2**20 > free:
         raise CacheError(f"the decoded-image cache needs {need / 2**30:.2f} GiB in {cache_dir} but only "
@@ -289,7 +304,7 @@ def open_cached(root: str, listing: Listing, store_size: int, cache_dir: str, mo
                 _build(root, listing, store_size, entry, workers, progress)
                 with open(entry + ".builds.log", "a") as log:  # who built this entry, when and why
                     log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {os.uname().nodename} pid {os.getpid()}: "
-                              f"{sum(len(f) for f in listing.files.values())} images in {time.time() - t0:.1f}s "
+                              f"{listing.count()} images in {time.time() - t0:.1f}s "
                               f"({reason})\n")
                 manifest = _read_manifest(entry)
             arrays = _open(entry, manifest, store_size)

@@ -69,6 +69,7 @@ class AugConfig:
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.1
+    hue_mode: str = "exact"  # exact: torchvision's HSV shift | yiq: faster linear approximation (opt-in)
     grayscale_p: float = 0.2
     blur_p: Optional[List[float]] = None  # simclr/moco: 0 (small images) or 0.5; byol: [1.0, 0.1]
     blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
@@ -360,6 +361,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     _check(0 < c.aug.crop_scale[0] <= c.aug.crop_scale[1] <= 1.0, "aug.crop_scale", "need 0 < min <= max <= 1")
     _check(0 < c.aug.crop_ratio[0] <= c.aug.crop_ratio[1], "aug.crop_ratio", "need 0 < min <= max")
     _check(0 <= c.aug.hue <= 0.5, "aug.hue", f"must be in [0, 0.5], got {c.aug.hue}")
+    _check_choice("aug.hue_mode", c.aug.hue_mode, ("exact", "yiq"))
     for key in ("brightness", "contrast", "saturation"):
         _check(c.aug[key] >= 0, f"aug.{key}", "must be >= 0")
     _check(c.data.image_size >= 8, "data.image_size", "must be >= 8")

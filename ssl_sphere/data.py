@@ -220,7 +220,7 @@ def list_image_folder(root: str):
     unknown = sorted({e.name for e in os.scandir(splits["test"]) if e.is_dir()} - set(listing.classes))
     if unknown:
         raise DataError(f"'{splits['test']}' has classes not in the train split: {unknown[:5]}")
-    for split, files in listing.files.items():
+    for split, files in listing.paths.items():
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{splits[split]}/<class>/'; "
                             "expected ROOT/train/<class>/*.jpg and ROOT/test/<class>/*.jpg")
@@ -276,9 +276,9 @@ def load_imagefolder(root: str, image_size: int, workers: int = 0, store_size: O
     listing = list_image_folder(root)
     name = Path(root).name or "imagefolder"
     if cache == "off":
-        paths = {s: [os.path.join(root, f[0]) for f in files] for s, files in listing.files.items()}
-        check_fits_in_ram(sum(len(p) for p in paths.values()), store, f"image folder {root}")
-        arrays = {s: (decode_images(p, store, workers), torch.tensor(listing.labels[s], dtype=torch.long))
+        paths = {s: [os.path.join(root, f) for f in files] for s, files in listing.paths.items()}
+        check_fits_in_ram(listing.count(), store, f"image folder {root}")
+        arrays = {s: (decode_images(p, store, workers), torch.from_numpy(listing.labels[s]))
                   for s, p in paths.items()}
         mean, std = channel_stats(arrays["train"][0])
         classes = listing.classes

@@ -163,9 +163,10 @@ def recall_at_k(features: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
         raise ValueError("recall_at_k needs at least 2 samples")
     x = F.normalize(features.float(), dim=1)
     y = labels.to(x.device).long()
-    kmax = min(max(ks), n - 1)
+    kmax = min(max(ks), n - 1)  # a K past N - 1 sees every other sample: the same as K = N - 1
     step = _auto_chunk(n, chunk_size)
-    first_hit = torch.empty(n, dtype=torch.long, device=x.device)  # rank (0-based) of the first match, kmax if none
+    # rank (0-based) of the first match among the kmax nearest; n (beyond every K) if there is none
+    first_hit = torch.empty(n, dtype=torch.long, device=x.device)
     buf = torch.empty(min(step, n), n, device=x.device)
     for i in range(0, n, step):
         q = x[i:i + step]
@@ -176,7 +177,7 @@ def recall_at_k(features: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
         match = y[idx] == y[i:i + step, None]
         has = match.any(1)
         first = match.int().argmax(1)
-        first_hit[i:i + step] = torch.where(has, first, torch.full_like(first, kmax))
+        first_hit[i:i + step] = torch.where(has, first, torch.full_like(first, n))
     return {f"recall@{k}": _percent(first_hit < k) for k in ks}
 
 

@@ -132,40 +132,51 @@ def test_hflip_p_one_gives_flipped_image():
 
 
 @pytest.mark.parametrize("h,w", [(32, 32), (32, 40), (40, 24)])
-def test_sample_crops_within_scale_ratio_and_image(h, w):
+def test_sample_crops_integer_inside_the_image_and_covering_the_ranges(h, w):
     torch.manual_seed(0)
     scale, ratio = (0.2, 1.0), (3 / 4, 4 / 3)
     c = A.sample_crops(20000, h, w, scale, ratio, "cpu")
-    assert c.shape == (20000, 4)
+    assert c.shape == (20000, 4) and torch.equal(c, c.round())  # integer sizes and corners, as torchvision
     x0, y0, cw, ch = c.unbind(1)
-    area = cw * ch / (h * w)
-    aspect = cw / ch
-    tol = 1e-5
-    assert area.min() >= scale[0] - tol and area.max() <= scale[1] + tol
-    assert aspect.min() >= ratio[0] - tol and aspect.max() <= ratio[1] + tol
-    assert x0.min() >= 0 and y0.min() >= 0
-    assert (x0 + cw).max() <= w + 1e-4 and (y0 + ch).max() <= h + 1e-4
-    # the draws cover the ranges (not e.g. always the whole image)
-    assert area.min() < 0.21 and area.max() > 0.75
-    assert aspect.min() < 0.76 and aspect.max() > 1.3
-    assert x0.std() > 0.5 and y0.std() > 0.5
+    assert cw.min() >= 1 and ch.min() >= 1 and x0.min() >= 0 and y0.min() >= 0
+    assert (x0 + cw).max() <= w and (y0 + ch).max() <= h
+    area, aspect = cw * ch / (h * w), cw / ch
+    # the draws cover the ranges, up to the rounding of w and h
+    assert area.min() < 0.23 and area.max() > 0.75 and aspect.min() < 0.8 and aspect.max() > 1.25
+    assert (x0 == 0).any() and ((x0 + cw) == w).any() and x0.std() > 0.5 and y0.std() > 0.5
 
 
-def test_sample_crops_impossible_request_falls_back_to_clamped_whole_image():
+@pytest.mark.parametrize("h,w,scale,ratio", [(32, 32, (0.2, 1.0), (3 / 4, 4 / 3)),
+                                             (96, 128, (0.08, 1.0), (3 / 4, 4 / 3)),
+                                             (24, 40, (0.5, 1.0), (0.5, 2.0))])
+def test_sample_crops_match_torchvision_get_params(h, w, scale, ratio):
+    """Two-sample KS tests against torchvision's own sampler on area, aspect ratio and position."""
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import RandomResizedCrop
+
+    n = 6000
+    torch.manual_seed(1)
+    ours = A.sample_crops(n, h, w, scale, ratio, "cpu")
+    img = torch.zeros(1, h, w)
+    ref = torch.tensor([RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(n)],
+                       dtype=torch.float32)  # (i, j, h, w)
+    theirs = torch.stack([ref[:, 1], ref[:, 0], ref[:, 3], ref[:, 2]], 1)  # -> (x0, y0, w, h)
+    for name, f in (("area", lambda c: c[:, 2] * c[:, 3]), ("aspect", lambda c: c[:, 2] / c[:, 3]),
+                    ("x0", lambda c: c[:, 0]), ("y0", lambda c: c[:, 1]),
+                    ("left border in crop", lambda c: (c[:, 0] == 0).float()),
+                    ("right border in crop", lambda c: (c[:, 0] + c[:, 2] == w).float())):
+        p = ks_2samp(f(ours).numpy(), f(theirs).numpy()).pvalue
+        assert p > 1e-3, (name, p)
+
+
+def test_sample_crops_impossible_request_falls_back_to_the_central_crop():
+    from torchvision.transforms import RandomResizedCrop
+
     torch.manual_seed(0)
-    h = w = 32
-    c = A.sample_crops(500, h, w, (0.9, 1.0), (3.0, 4.0), "cpu")
-    x0, y0, cw, ch = c.unbind(1)
-    # torchvision: whole width, height = width / min(ratio)
-    assert torch.allclose(cw, torch.full_like(cw, 32.0))
-    assert torch.allclose(ch, torch.full_like(ch, 32.0 / 3.0))
-    assert torch.allclose(x0, torch.zeros_like(x0))
-    assert y0.min() >= 0 and (y0 + ch).max() <= h + 1e-4
-    assert y0.std() > 1.0  # the vertical position is still random
-    # the other side: a tall request on a wide image clamps to the max ratio
-    c = A.sample_crops(200, 20, 40, (0.9, 1.0), (0.25, 0.5), "cpu")
-    assert torch.allclose(c[:, 3], torch.full((200,), 20.0)) and torch.allclose(c[:, 2], torch.full((200,), 10.0))
-    assert (c[:, 0] + c[:, 2]).max() <= 40 + 1e-4
+    for (h, w), scale, ratio in (((32, 32), (0.9, 1.0), (3.0, 4.0)), ((20, 40), (0.9, 1.0), (0.25, 0.5))):
+        c = A.sample_crops(200, h, w, scale, ratio, "cpu")
+        i, j, ch, cw = RandomResizedCrop.get_params(torch.zeros(1, h, w), list(scale), list(ratio))
+        assert (c == torch.tensor([j, i, cw, ch], dtype=torch.float32)).all()  # torchvision: centred, not random
 
 
 def test_crop_resize_flip_identity_and_flip():
@@ -236,23 +247,40 @@ def test_solarize_p1_matches_torchvision():
     assert torch.equal(A.solarize(x, 0.0), x)
 
 
+def test_hue_shift_equals_torchvision_adjust_hue():
+    """The default hue op (aug.hue_mode=exact) is torchvision's HSV shift, per sample, over the
+    whole range of shifts, on random colours, greys, ties between channels and saturated pixels."""
+    g = torch.Generator().manual_seed(30)
+    x = torch.rand(48, 3, 9, 11, generator=g)
+    x[:6] = x[:6, :1].expand(6, 3, 9, 11)  # greys: hue undefined, unchanged
+    x[6:12, 1] = x[6:12, 0]  # r == g ties
+    x[12:18] = (x[12:18] > 0.5).float()  # saturated corners of the cube
+    h = torch.rand(48, generator=g) - 0.5
+    ref = torch.stack([TF.adjust_hue(xi, float(hi)) for xi, hi in zip(x, h)])
+    torch.testing.assert_close(A.hue_shift(x, h), ref, atol=1e-5, rtol=0)
+    hsv_in, hsv_out = TFT._rgb2hsv(x[18:]), TFT._rgb2hsv(A.hue_shift(x[18:], h[18:]))
+    torch.testing.assert_close(hsv_out[:, 1:], hsv_in[:, 1:], atol=1e-5, rtol=0)  # S and V kept
+    shift = (hsv_out[:, 0] - hsv_in[:, 0] - h[18:].view(-1, 1, 1) + 0.5) % 1.0 - 0.5
+    assert shift[hsv_in[:, 1] > 0.05].abs().max() < 1e-4  # every pixel's hue moves by exactly h
+
+
 def test_adjust_hue_zero_is_identity():
     x = _natural(4, 16, seed=13)
-    out = A.adjust_hue(x.clone(), torch.zeros(4))
+    out = A.adjust_hue_yiq(x.clone(), torch.zeros(4))
     assert (out - x).abs().max() < 1e-6
 
 
 def test_adjust_hue_preserves_luma_and_grey():
     x = _natural(4, 16, seed=14)
     h = torch.tensor([-0.1, -0.03, 0.05, 0.1])
-    out = A.adjust_hue(x.clone(), h)
+    out = A.adjust_hue_yiq(x.clone(), h)
     assert (out - x).abs().max() > 1e-3
     inside = ((out > 1e-6) & (out < 1 - 1e-6)).all(1, keepdim=True)  # pixels the [0, 1] clamp left alone
     assert inside.float().mean() > 0.9
     yiq_luma = lambda im: 0.299 * im[:, 0:1] + 0.587 * im[:, 1:2] + 0.114 * im[:, 2:3]  # noqa: E731
     assert (yiq_luma(out) - yiq_luma(x))[inside].abs().max() < 1e-5
     grey = torch.rand(4, 1, 8, 8).expand(4, 3, 8, 8).contiguous()
-    assert torch.allclose(A.adjust_hue(grey.clone(), h), grey, atol=1e-5)
+    assert torch.allclose(A.adjust_hue_yiq(grey.clone(), h), grey, atol=1e-5)
 
 
 def test_adjust_hue_close_to_torchvision():
@@ -262,7 +290,7 @@ def test_adjust_hue_close_to_torchvision():
     rotation in torchvision's direction has MAE 0.0144; the bound is 0.02."""
     x = _natural(64, 32, seed=15)
     hs = torch.linspace(-0.1, 0.1, 64)
-    ours = A.adjust_hue(x.clone(), hs)
+    ours = A.adjust_hue_yiq(x.clone(), hs)
     ref = torch.stack([TF.adjust_hue(xi, float(h)) for xi, h in zip(x, hs)])
     mae = (ours - ref).abs().mean().item()
     assert mae < 0.02, mae
@@ -275,7 +303,7 @@ def test_adjust_hue_shifts_hsv_hue_by_h(h):
     x = _natural(16, 16, seed=16)
     hsv = TFT._rgb2hsv(x)
     mask = hsv[:, 1] > 0.15
-    out = A.adjust_hue(x.clone(), torch.full((16,), h))
+    out = A.adjust_hue_yiq(x.clone(), torch.full((16,), h))
     d = (TFT._rgb2hsv(out)[:, 0] - hsv[:, 0] + 0.5) % 1.0 - 0.5
     shift = d[mask].mean().item()
     assert 0.75 * abs(h) < math.copysign(1.0, h) * shift < 1.25 * abs(h), shift
@@ -344,23 +372,27 @@ def test_blur_probability_byol_views():
     assert (v0.flatten(1).var(1) < ref.flatten(1).var(1)).all()
 
 
-def test_fused_color_jitter_equals_sequential_ops_in_drawn_order():
-    """color_jitter fuses each order slot into one 3x3 map; replaying its random draws,
-    applying the four reference ops one sample at a time in that sample's order must agree."""
+@pytest.mark.parametrize("hue_mode", ["exact", "yiq"])
+def test_fused_color_jitter_equals_sequential_ops_in_drawn_order(hue_mode):
+    """color_jitter fuses each order slot into one 3x3 map (+ the exact hue shift in its slot);
+    replaying its random draws, applying the four reference ops one sample at a time in that
+    sample's order must agree. The exact mode's reference is torchvision's own adjust_hue."""
     from ssl_sphere import augment as A
 
     torch.manual_seed(3)
     x = torch.rand(16, 3, 12, 12)
     strengths = (0.4, 0.4, 0.4, 0.1)
     torch.manual_seed(7)
-    out = A.color_jitter_(x.clone(), 0.8, strengths)
+    out = A.color_jitter_(x.clone(), 0.8, strengths, hue_mode=hue_mode)
     torch.manual_seed(7)  # replay the draws in color_jitter's order
     b = x.shape[0]
     on = torch.rand(b) < 0.8
     f = [A._uniform(b, 0.6, 1.4, "cpu"), A._uniform(b, 0.6, 1.4, "cpu"), A._uniform(b, 0.6, 1.4, "cpu"),
          A._uniform(b, -0.1, 0.1, "cpu")]
     order = torch.argsort(torch.rand(b, 4), dim=1)
-    ops = [A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_hue]
+    tv_hue = lambda y, h: TF.adjust_hue(y[0], float(h)).unsqueeze(0)  # noqa: E731
+    ops = [A.adjust_brightness, A.adjust_contrast, A.adjust_saturation,
+           tv_hue if hue_mode == "exact" else A.adjust_hue_yiq]
     for i in range(b):
         y = x[i:i + 1].clone()
         if on[i]:

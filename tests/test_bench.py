@@ -34,7 +34,7 @@ def test_augment_json_schema(capsys, tmp_path):
     assert set(res) == {"device", "image_size", "batch", "views_per_s"}
     assert res["device"] == "cpu" or res["device"] == "cuda"
     assert res["image_size"] == 32 and res["batch"] == 16
-    assert set(res["views_per_s"]) == {"ssl_sphere", "kornia_stock", "torchvision_cpu"}
+    assert set(res["views_per_s"]) == {"ssl_sphere", "ssl_sphere_yiq", "kornia_stock", "torchvision_cpu"}
     _positive(res["views_per_s"])
     rec = json.loads(out_file.read_text())
     assert rec["kind"] == "augment" and rec["results"] == [res]

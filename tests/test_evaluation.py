@@ -243,3 +243,16 @@ def test_stratified_subset_is_balanced_and_deterministic():
     assert torch.bincount(y[a], minlength=10).tolist() == [10] * 10
     assert not torch.equal(a, stratified_subset(y, 100, seed=4))
     assert torch.equal(stratified_subset(y, 10_000), torch.arange(len(y)))
+
+
+def test_recall_at_k_past_n_minus_1():
+    """K > N - 1 looks at every other sample: a query without any same-label sample is a miss at
+    every K (it counted as a hit when the "no match" marker was N - 1)."""
+    from ssl_sphere.evaluation import recall_at_k
+
+    x = torch.randn(5, 8)
+    assert recall_at_k(x, torch.arange(5), (1, 2, 4, 8)) == {"recall@1": 0.0, "recall@2": 0.0, "recall@4": 0.0,
+                                                              "recall@8": 0.0}
+    y = torch.tensor([0, 0, 1, 2, 3])  # only the two 0s have a match: 2 of 5 queries once K covers everyone
+    assert recall_at_k(x, y, (4, 8, 100))["recall@8"] == pytest.approx(40.0)
+    assert recall_at_k(x, y, (4, 8, 100))["recall@100"] == recall_at_k(x, y, (4,))["recall@4"] == pytest.approx(40.0)
