@@ -1,10 +1,12 @@
-"""Backbones: torchvision ResNets (optionally with the small-image stem) and a
-tiny CPU convnet for smoke runs and tests."""
+"""Backbones: torchvision ResNets (optionally with the small-image stem), a tiny CPU
+convnet for smoke runs and tests, and the split BatchNorm of single-process MoCo."""
 
 from __future__ import annotations
 
 from typing import Tuple
 
+import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -51,3 +53,45 @@ def build_backbone(name: str, small_images: bool) -> Tuple[nn.Module, int]:
     dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, dim
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that, in training mode, normalises ``num_splits`` groups of the batch with
+    their own statistics, as ``num_splits`` GPUs would (the SplitBatchNorm of the MoCo authors'
+    CIFAR-10 demo, which single-GPU MoCo needs: with the key batch shuffled, a key and its
+    query then never share BN statistics, MoCo Sec. 3.3). Sample n is in group n mod
+    num_splits; the running statistics are the mean over the groups; eval mode is plain BN.
+    Same parameters and buffers as BatchNorm2d, so checkpoints move between the two."""
+
+    def __init__(self, num_features: int, num_splits: int, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W), N divisible by num_splits."""
+        if not (self.training or not self.track_running_stats) or self.num_splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
+                           True, self.momentum if self.momentum is not None else 0.1, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(s, c).mean(0))
+            self.running_var.copy_(var.view(s, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        return out.reshape(n, c, h, w)
+
+
+def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d of ``module`` (in place) by a SplitBatchNorm with the same
+    parameters and buffers; returns the module."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = SplitBatchNorm(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                                 affine=child.affine, track_running_stats=child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            split_batchnorm(child, num_splits)
+    return module

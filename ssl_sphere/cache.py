@@ -299,7 +299,8 @@ def open_cached(root: str, listing: Listing, store_size: int, cache_dir: str, mo
                 reason = why_stale(manifest, listing, store_size, entry)
             if reason is not None:
                 _check_space(cache_dir, listing, store_size)
-                say(f"[ssl_sphere] building the image cache {entry} ({reason})")
+                # whichever process builds says so (under torchrun it need not be rank 0)
+                print(f"[ssl_sphere] building the image cache {entry} ({reason})", flush=True)
                 t0 = time.time()
                 _build(root, listing, store_size, entry, workers, progress)
                 with open(entry + ".builds.log", "a") as log:  # who built this entry, when and why

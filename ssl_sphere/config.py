@@ -82,6 +82,9 @@ class ModelConfig:
     small_images: Optional[bool] = None  # 3x3 stem, no max-pool; None: image_size <= 64
     channels_last: bool = False
     sync_bn: bool = False  # under DDP: SyncBatchNorm (BN statistics over the global batch)
+    # BN statistics per group of the (local) batch; None: 8 for MoCo in one process (the authors' CIFAR
+    # demo: with the key batch shuffled, a key never shares BN statistics with its query), else 1
+    split_bn: Optional[int] = None
     compile: bool = False
 
 
@@ -104,7 +107,7 @@ class SecConfig:
     """Spherical embedding constraint (Zhang et al., NeurIPS 2020)."""
 
     enabled: bool = False
-    weight: float = 0.1  # eta; see README "SEC weight" for the measurement behind it
+    weight: float = 0.1  # eta, relative to the per-direction mean method loss; README "SEC weight"
     ema: float = 1.0  # rho: weight of the current batch in the mean norm; 1.0 = batch mean
     ramp: str = "linear"  # eta ramp over training: linear (authors' SSL code) | none
 
@@ -142,7 +145,8 @@ class OptimConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
-    lars_eta: float = 0.02  # LARS trust coefficient
+    decay_norm_and_bias: bool = False  # weight decay on norm layers and biases too (the MoCo / lightly CIFAR code)
+    lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017; lightly's LARS default)
 
 
 @dataclass
@@ -279,9 +283,14 @@ def layered(config_file: Optional[str] = None, values: Optional[Dict[str, Any]] 
 
 
 def world_size_from_env() -> int:
-    """Number of processes torchrun launched (1 without torchrun)."""
+    """Number of processes of this run: the initialised process group's, else torchrun's
+    WORLD_SIZE (1 without torchrun)."""
     import os
 
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -347,6 +356,8 @@ def resolve(cfg: DictConfig) -> DictConfig:
         c.eval.bank_size = 50000 if on_gpu else 5000
     if c.eval.test_size is None:
         c.eval.test_size = 10000 if on_gpu else 1000
+    if c.model.split_bn is None:
+        c.model.split_bn = 8 if name == "moco" and world == 1 else 1
     if c.optim.lr is None:
         # linear scaling on the GLOBAL batch (batch_size is per process)
         c.optim.lr = c.optim.base_lr * c.optim.batch_size * world / 128
@@ -377,6 +388,10 @@ def resolve(cfg: DictConfig) -> DictConfig:
     _check(0 < c.data.eval_crop <= 1, "data.eval_crop", f"a fraction in (0, 1], got {c.data.eval_crop}")
     _check(c.data.train_limit is None or c.data.train_limit >= 1, "data.train_limit", "must be >= 1")
     _check(c.optim.batch_size >= 2, "optim.batch_size", "must be >= 2 (contrastive losses need negatives)")
+    _check(c.model.split_bn >= 1, "model.split_bn", "must be >= 1 (1: plain BatchNorm)")
+    _check(c.optim.batch_size % c.model.split_bn == 0, "model.split_bn",
+           f"the batch of {c.optim.batch_size} does not split into {c.model.split_bn} equal BN groups; choose a "
+           f"batch divisible by it or another model.split_bn (1 turns it off)")
     _check(c.optim.epochs >= 1, "optim.epochs", "must be >= 1")
     _check(c.optim.max_steps is None or c.optim.max_steps >= 1, "optim.max_steps", "must be >= 1")
     _check(c.optim.lr > 0, "optim.lr", "must be > 0")

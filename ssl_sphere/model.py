@@ -12,7 +12,7 @@ from torch import nn
 
 from . import checkpoint, dist
 from .augment import eval_transform
-from .backbones import build_backbone
+from .backbones import build_backbone, split_batchnorm
 from .config import ConfigError, from_container
 from .evaluation import extract_features
 from .methods import Method, build_method
@@ -38,8 +38,10 @@ class SSLModel(nn.Module):
         logs.update(norm_stats(out.embeddings))
         total = out.loss
         if self.sec is not None:
+            # eta is relative to the per-direction mean of the method's loss: MoCo (symmetric) and
+            # BYOL SUM two directions, so their SEC term is doubled and one eta is one strength
             sec_term, sec_logs = self.sec(out.embeddings, progress)
-            total = total + sec_term
+            total = total + self.method.loss_directions * sec_term
             logs.update(sec_logs)
         if self.vmf is not None:
             vmf_term, vmf_logs = self.vmf(out.embeddings, idx)
@@ -54,6 +56,8 @@ def build_model(cfg: DictConfig, n_train: int = 0, device: Union[str, torch.devi
     per image). With ``device``: moved there, SyncBatchNorm across ``world`` > 1 ranks if
     model.sync_bn, and in channels_last memory format if model.channels_last."""
     backbone, fdim = build_backbone(cfg.model.backbone, cfg.model.small_images)
+    if cfg.model.split_bn > 1:
+        split_batchnorm(backbone, cfg.model.split_bn)  # before the method copies it into its EMA encoder
     method = build_method(cfg.method, backbone, fdim, cfg.see)
     sec = SEC(cfg.sec.weight, cfg.sec.ema, cfg.sec.ramp) if cfg.sec.enabled else None
     vmf = None

@@ -27,8 +27,13 @@ def cosine_momentum(progress: float, base: float, final: float) -> float:
 
 def build_optimizer(model: nn.Module, ocfg) -> torch.optim.Optimizer:
     """SGD or LARS over two parameter groups: weight decay on weights only; norm layers and
-    biases are excluded (lightly's ``get_weight_decay_parameters`` split)."""
-    decay, no_decay = get_weight_decay_parameters([model])
+    biases are excluded (lightly's ``get_weight_decay_parameters`` split), unless
+    optim.decay_norm_and_bias puts every parameter under weight decay (as the MoCo authors'
+    code and lightly's CIFAR-10 benchmark do)."""
+    if ocfg.get("decay_norm_and_bias", False):
+        decay, no_decay = [p for p in model.parameters()], []
+    else:
+        decay, no_decay = get_weight_decay_parameters([model])
     groups = [
         {"params": [p for p in decay if p.requires_grad], "weight_decay": ocfg.weight_decay},
         {"params": [p for p in no_decay if p.requires_grad], "weight_decay": 0.0},

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=config.METHOD_CHOICES, help="pretraining method (default: moco)")
     p.add_argument("--sec", action="store_true", help="add the batch-mean spherical embedding constraint (SEC)")
-    p.add_argument("--sec-weight", type=float, metavar="ETA", help="SEC weight eta (implies --sec; default 0.1)")
+    p.add_argument("--sec-weight", type=float, metavar="ETA",
+                   help="SEC weight eta (implies --sec; default 0.1), relative to the method loss averaged over "
+                        "its directions: the same eta is the same strength for SimCLR, MoCo and BYOL")
     p.add_argument("--sec-ema", type=float, metavar="RHO",
                    help="EMA variant of SEC: mu_t = (1-RHO) mu_{t-1} + RHO * batch mean, RHO in (0, 1] (implies --sec)")
     p.add_argument("--see", action="store_true",

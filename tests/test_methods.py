@@ -131,3 +131,75 @@ def test_backbones_small_stem(name):
     assert y.shape == (2, dim)
     if name == "resnet18":
         assert dim == 512 and net.conv1.stride == (1, 1) and isinstance(net.maxpool, torch.nn.Identity)
+
+
+def test_split_batchnorm_equals_batchnorm_per_group_and_plain_bn_in_eval():
+    from ssl_sphere.backbones import SplitBatchNorm, split_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 5, 6, 6) * 3 + 1
+    bn = SplitBatchNorm(5, num_splits=4)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    out = bn(x)
+    groups = [x[j::4] for j in range(4)]  # sample n is in group n mod 4
+    ref = torch.empty_like(x)
+    means, vars_ = [], []
+    for j, g in enumerate(groups):
+        ref[j::4] = torch.nn.functional.batch_norm(g, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        means.append(g.mean((0, 2, 3)))
+        vars_.append(g.var((0, 2, 3), unbiased=True))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # running statistics: the mean over the groups of BN's own update (momentum 0.1 from 0 / 1)
+    torch.testing.assert_close(bn.running_mean, 0.1 * torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * torch.stack(vars_).mean(0), rtol=1e-5, atol=1e-6)
+    bn.eval()
+    plain = torch.nn.BatchNorm2d(5).eval()
+    plain.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(bn(x), plain(x))
+    # conversion keeps every parameter and buffer (checkpoints move between the two)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5))
+    keys = net.state_dict().keys()
+    split_batchnorm(net, 2)
+    assert isinstance(net[1], SplitBatchNorm) and net.state_dict().keys() == keys
+
+
+def test_split_bn_default_and_single_process_key_shuffle():
+    cfg = make_cfg("moco")
+    assert cfg.model.split_bn == 8  # MoCo in one process: the authors' CIFAR demo
+    assert make_cfg("simclr").model.split_bn == 1 and make_cfg("byol").model.split_bn == 1
+    with pytest.raises(Exception, match="model.split_bn"):
+        make_cfg("moco", **{"optim.batch_size": 12})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    moco = model.method
+    assert moco.split_bn == 8 and sum(type(m).__name__ == "SplitBatchNorm" for m in moco.modules()) > 0
+    x = torch.randn(16, 3, 16, 16)
+    torch.manual_seed(1)
+    shuffled = moco._keys(x)  # keys in the input order, computed on a shuffled batch
+    moco.cfg.shuffle_bn = False
+    plain = moco._keys(x)
+    assert shuffled.shape == plain.shape and not torch.allclose(shuffled, plain, atol=1e-4)  # other BN groups
+    moco.eval()  # without batch statistics the shuffle is invisible
+    moco.cfg.shuffle_bn = True
+    with_shuffle = moco._keys(x)
+    moco.cfg.shuffle_bn = False
+    torch.testing.assert_close(with_shuffle, moco._keys(x))
+
+
+@pytest.mark.parametrize("name,symmetric,directions", [("simclr", True, 1), ("moco", True, 2), ("moco", False, 1),
+                                                        ("byol", True, 2)])
+def test_sec_strength_is_relative_to_the_per_direction_loss(name, symmetric, directions):
+    """total = L_method + D * eta * L_sec with D the directions L_method sums: relative to the
+    per-direction mean loss L_method / D, SEC's gradient has the same scale eta for every method."""
+    cfg = make_cfg(name, **{"sec.weight": 0.3, "sec.ramp": "none", "method.symmetric": symmetric})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert model.method.loss_directions == directions
+    x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    total, method_loss, logs, emb = model(x1, x2, 0.5)
+    torch.testing.assert_close(total - method_loss, directions * 0.3 * logs["sec_loss"], rtol=1e-5, atol=1e-6)
+    # gradient of the SEC part w.r.t. the embeddings over that of the per-direction loss: D-free
+    g_sec = torch.autograd.grad(total - method_loss, emb, retain_graph=True)[0]
+    g_sec_alone = torch.autograd.grad(model.sec(emb, 0.5)[0], emb)[0]  # eta * L_sec on its own
+    torch.testing.assert_close(g_sec / directions, g_sec_alone, rtol=1e-5, atol=1e-7)

@@ -38,6 +38,13 @@ class Method(nn.Module):
         self.register_buffer("progress", torch.zeros(()))
         self._progress = None
 
+    @property
+    def loss_directions(self) -> int:
+        """How many directions the method's loss SUMS (MoCo symmetric, BYOL: 2; SimCLR, whose
+        NT-Xent averages over both views, and asymmetric MoCo: 1). SEC's weight is defined
+        against the per-direction mean of the loss, so it is scaled by this (model.SSLModel)."""
+        return 1
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) normalised images -> (B, F) backbone features for evaluation."""
         return self.backbone(x)

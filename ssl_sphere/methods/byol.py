@@ -27,6 +27,10 @@ class BYOL(Method):
         loss = byol_regression(p1, t2) + byol_regression(p2, t1)
         return StepOutput(loss, torch.cat([p1, p2], 0))
 
+    @property
+    def loss_directions(self) -> int:
+        return 2  # byol_regression(p1, t2) + byol_regression(p2, t1)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.target(x)
 

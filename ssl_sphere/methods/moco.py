@@ -26,16 +26,20 @@ class MoCo(Method):
         projector = MoCoProjectionHead(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.encoder = EMAPair(nn.Sequential(backbone, projector))
         self.queue = NegativeQueue(cfg.queue_size, cfg.proj_dim)
+        # BN groups of the backbone (split BN), read from its layers: the shuffle pays off only with them
+        self.split_bn = max((getattr(m, "num_splits", 1) for m in backbone.modules()), default=1)
 
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
-        # Shuffle-BN (MoCo Sec. 3.3) only matters across ranks: in one process BN
-        # sees the whole batch either way, so the shuffle is skipped there.
-        shuffle = self.cfg.shuffle_bn and dist.world_size() > 1
+        """Shuffle-BN (MoCo Sec. 3.3): the key batch is shuffled before the key encoder, so a key
+        is normalised with other samples' BN statistics than its query: across ranks under DDP,
+        within the batch in one process, where split BN (model.split_bn) makes the groups."""
+        world = dist.world_size()
+        shuffle = self.cfg.shuffle_bn and (world > 1 or self.split_bn > 1)
         if shuffle:
-            x, idx = batch_shuffle(x, distributed=True)
+            x, idx = batch_shuffle(x, distributed=world > 1)
         k = self.encoder.target(x)
-        return batch_unshuffle(k, idx, distributed=True) if shuffle else k
+        return batch_unshuffle(k, idx, distributed=world > 1) if shuffle else k
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> StepOutput:
         """x1, x2: (B, 3, H, W). embeddings: (2B or B, proj_dim) raw query projections."""
@@ -77,6 +81,10 @@ class MoCo(Method):
             valid = (owner[None, :] != torch.arange(b, device=q.device)[:, None]) & chosen[owner][None, :]
             valid = torch.cat([torch.ones(b, negatives.shape[0], dtype=torch.bool, device=q.device), valid], 1)
         return info_nce_masked(q, k, torch.cat([negatives.float(), synth]), self.cfg.temperature, valid)
+
+    @property
+    def loss_directions(self) -> int:
+        return 2 if self.cfg.symmetric else 1
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.target(x)
