@@ -157,6 +157,59 @@ def throughput(backbone: str, batch: int, steps: int) -> dict:
             "ratio_memory_map_vs_in_memory": round(med["in_memory"] / med["memory_map"], 3)}
 
 
+def table(rec: dict) -> str:
+    """The README block of a record."""
+    lines = []
+    s = rec.get("startup_tiny_1_step")
+    if s:
+        today = s.get("today_decode", {}).get("wall_s")
+        lines += ["| start-up (CIFAR-10 folder, 60k images) | data ready | whole 1-step run |", "| --- | --- | --- |",
+                  f"| before the cache (decode in every run) | – | {today} s |" if today else "",
+                  f"| decode into memory (`data.cache=off`) | {s['decode_into_memory']['data_ready_s']} s | "
+                  f"{s['decode_into_memory']['wall_s']} s |",
+                  f"| cache build (cold) | {s['cold_build']['data_ready_s']} s | {s['cold_build']['wall_s']} s |",
+                  f"| cache hit (warm, median of 3) | {s['summary']['warm_data_ready_s']} s | "
+                  f"{statistics.median(w['wall_s'] for w in s['warm'])} s |", "",
+                  f"Warm is {s['summary']['decode_over_warm']}x faster than decoding (data ready).", ""]
+    m = rec.get("peak_memory")
+    if m:
+        f = m["import_floor"]
+        lines += ["| peak memory (MiB) | RSS | anonymous |", "| --- | --- | --- |",
+                  f"| importing the training code only (torch + torchvision + lightly) | {f['rss_max']} | "
+                  f"{f['anon_max']} |"]
+        for name, label in (("tiny_1_step", "1 step, tiny convnet"), ("resnet18_1_step", "1 step, ResNet-18")):
+            r = m[name]
+            if "today" in r:
+                lines.append(f"| {label}, before the cache | {r['today']['rss_max']} | {r['today']['anon_max']} |")
+            lines.append(f"| {label}, warm cache | {r['new_warm_cache']['rss_max']} | "
+                         f"{r['new_warm_cache']['anon_max']} |")
+        lines.append("")
+    a = rec.get("anon_vs_dataset_size")
+    if a:
+        lines += ["| 30 steps + kNN monitor, tiny convnet, batch 64, 96 px | images | cache | peak anonymous MiB | "
+                  "peak RSS MiB |", "| --- | --- | --- | --- | --- |"]
+        for name in ("small", "big"):
+            r = a[name]
+            lines.append(f"| synthetic folder ({name}) | {r['images']:,} | {r['cache_gib']} GiB | "
+                         f"{r['run']['anon_max']} | {r['run']['rss_max']} |")
+        lines.append("")
+    t = rec.get("two_ranks")
+    if t:
+        lines += ["| 5 steps, tiny convnet, CPU | processes | total Pss MiB | total RSS MiB | total anonymous MiB |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, label, n in (("one_process", "one process", 1), ("two_ranks_torchrun", "torchrun, 2 ranks", 2),
+                               ("today_two_ranks_torchrun", "torchrun, 2 ranks, before the cache", 2)):
+            if name in t:
+                r = t[name]
+                lines.append(f"| {label} | {n} | {r['pss_total']} | {r['rss_total']} | {r['anon_total']} |")
+        lines.append("")
+    for r in rec.get("throughput", []):
+        lines.append(f"- step throughput, {r['backbone']} batch {r['batch']}: memory map / in-memory tensor = "
+                     f"{r['ratio_memory_map_vs_in_memory']} (median step {r['median_step_s']['memory_map']} s vs "
+                     f"{r['median_step_s']['in_memory']} s, {r['steps_each']} steps each, interleaved)")
+    return "\n".join(x for x in lines if x is not None)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="write the JSON record here")
@@ -164,7 +217,19 @@ def main(argv=None) -> int:
     p.add_argument("--big-size", type=int, default=96)
     p.add_argument("--baseline", help="git revision of the code before the cache, for the 'today' figures")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: startup,rss,anon,ranks,throughput")
+    p.add_argument("--table-only", metavar="RECORD.json", help="print the README block of a record")
+    p.add_argument("--write", metavar="README.md",
+                   help="with --table-only: write it between the <!-- data-scale --> markers")
     args = p.parse_args(argv)
+    if args.table_only:
+        text = table(json.loads(Path(args.table_only).read_text()))
+        print(text)
+        if args.write:
+            doc = Path(args.write).read_text()
+            head, rest = doc.split("<!-- data-scale:start -->", 1)
+            Path(args.write).write_text(f"{head}<!-- data-scale:start -->\n{text}\n<!-- data-scale:end -->"
+                                        f"{rest.split('<!-- data-scale:end -->', 1)[1]}")
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     work = Path(tempfile.mkdtemp(prefix="ssl_sphere_data_scale_"))
     rec = {"command": "python benchmarks/data_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),

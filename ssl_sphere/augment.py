@@ -93,9 +93,9 @@ def sample_crops(b: int, height: int, width: int, scale: Sequence[float], ratio:
         fw, fh = int(round(height * ratio[1])), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(width - fw) // 2, (height - fh) // 2, fw, fh], dtype=w.dtype, device=device)
-    crops = torch.stack([x0, y0, w, h], 1)
-    return torch.where(any_ok.view(-1, 1), crops, fallback)
+    # the fallback from Python scalars (full_like): no host -> device copy in the step
+    columns = [(x0, (width - fw) // 2), (y0, (height - fh) // 2), (w, fw), (h, fh)]
+    return torch.stack([torch.where(any_ok, c, torch.full_like(c, float(f))) for c, f in columns], 1)
 
 
 def crop_resize_flip(x: torch.Tensor, crops: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
@@ -140,6 +140,13 @@ def adjust_hue_yiq(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 _HSV_N = (5.0, 3.0, 1.0)
 
 
+@functools.lru_cache(maxsize=None)
+def _hsv_offsets(device: torch.device, dtype: torch.dtype, dims: int) -> torch.Tensor:
+    """_HSV_N as a (1, 3, 1...) tensor on ``device``, built once (a fresh torch.tensor on CUDA is
+    a blocking host -> device copy)."""
+    return torch.tensor(_HSV_N, device=device, dtype=dtype).view(1, 3, *[1] * (dims - 2))
+
+
 def hue_shift(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Exact HSV hue shift, batched: x (N, 3, L) or (N, 3, H, W) in [0, 1], h (N,) in turns.
     Each pixel's hue moves by exactly h (mod 1) while its saturation and value stay, as
@@ -158,8 +165,7 @@ def hue_shift(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     hb = (r - g) / safe + 4
     six = torch.where(v == r, hr, torch.where(v == g, hg, hb))
     six = (six + 6 * h.view(-1, *[1] * (x.dim() - 1))) % 6
-    n = torch.tensor(_HSV_N, device=x.device, dtype=x.dtype).view(1, 3, *[1] * (x.dim() - 2))
-    k = (n + six) % 6
+    k = (_hsv_offsets(x.device, x.dtype, x.dim()) + six) % 6
     return v - c * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 

@@ -69,18 +69,33 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W), N divisible by num_splits."""
-        if not (self.training or not self.track_running_stats) or self.num_splits == 1:
+        if self.num_splits == 1:
             return super().forward(x)
+        if not self.track_running_stats:
+            return self._groups(x)
+        if not self.training:
+            return super().forward(x)  # eval: plain BN with the averaged running statistics
         n, c, h, w = x.shape
         s = self.num_splits
         mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
+        out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, *self._affine(s),
                            True, self.momentum if self.momentum is not None else 0.1, self.eps)
         with torch.no_grad():
             self.running_mean.copy_(mean.view(s, c).mean(0))
             self.running_var.copy_(var.view(s, c).mean(0))
             self.num_batches_tracked.add_(1)
         return out.reshape(n, c, h, w)
+
+    def _groups(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-group normalisation without running statistics (track_running_stats=False)."""
+        n, c, h, w = x.shape
+        s = self.num_splits
+        return F.batch_norm(x.reshape(n // s, c * s, h, w), None, None, *self._affine(s), True, 0.0,
+                            self.eps).reshape(n, c, h, w)
+
+    def _affine(self, s: int):
+        """(weight, bias) repeated for s groups laid side by side on the channel axis (None: affine=False)."""
+        return tuple(p.repeat(s) if p is not None else None for p in (self.weight, self.bias))
 
 
 def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:

@@ -10,9 +10,10 @@ Layout of one cache entry, ``<cache_dir>/<folder name>-<hash of its path>-s<stor
   images, and the build time; ``files.json``: every source file with its size and mtime (a
   changed folder is detected from the digest, and the file list says what changed).
 
-Built into ``<entry>.tmp-<pid>`` and renamed when complete, under an exclusive ``flock`` on
+Built into ``<entry>.tmp-<host>-<pid>`` and renamed when complete, under an exclusive ``flock`` on
 ``<entry>.lock``: one process of a node builds, the others wait and then map the result; a
-build that dies leaves only a temp directory that no run trusts (removed by the next build).
+build that dies leaves only a temp directory that no run trusts (removed by the next build on
+that host once its process is gone; a cache_dir shared between hosts keeps other hosts' temps).
 Memory maps are read-only views of the files (numpy memmap), so the pages live once in the
 OS page cache however many processes read them, and a dataset larger than RAM streams from
 disk. Hand-written because neither torchvision nor lightly has a decoded-image cache.
@@ -21,14 +22,17 @@ disk. Hand-written because neither torchvision nor lightly has a decoded-image c
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -170,14 +174,15 @@ def _decode_into(args) -> int:
     return len(paths)
 
 
-def _build(root: str, listing: Listing, store_size: int, final: str, workers: int, progress: bool) -> None:
-    """Decode every image into ``<final>.tmp-<pid>`` in parallel (each worker writes its chunk
+def _build(root: str, listing: Listing, store_size: int, final: str, workers: int, progress: bool,
+           token: Optional[str] = None) -> None:
+    """Decode every image into ``<final>.tmp-<host>-<pid>`` in parallel (each worker writes its chunk
     straight into the memmap: peak memory is one chunk per worker), then rename it to ``final``."""
     from tqdm import tqdm
 
     from .data import channel_stats
 
-    tmp = f"{final}.tmp-{os.getpid()}"
+    tmp = f"{final}.tmp-{_host()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     workers = workers or os.cpu_count() or 1
@@ -197,16 +202,21 @@ def _build(root: str, listing: Listing, store_size: int, final: str, workers: in
                 for j in jobs:
                     bar.update(_decode_into(j))
             else:
-                with ProcessPoolExecutor(workers) as ex:
-                    for done in ex.map(_decode_into, jobs):
-                        bar.update(done)
+                try:
+                    with ProcessPoolExecutor(workers) as ex:
+                        for done in ex.map(_decode_into, jobs):
+                            bar.update(done)
+                except BrokenProcessPool:
+                    raise CacheError(f"a decode worker died while building the image cache of {root} (killed, "
+                                     "often out of memory); set data.decode_workers to fewer processes, e.g. 1, "
+                                     "and start again (no cache entry was written)") from None
             np.save(os.path.join(tmp, f"{split}_labels.npy"), listing.labels[split])
         train = _map(os.path.join(tmp, "train.u8"), listing.count("train"), store_size)
         mean, std = channel_stats(train)
         manifest = {"format_version": FORMAT_VERSION, "root": os.path.abspath(root), "store_size": store_size,
                     "resize_policy": RESIZE_POLICY, "classes": listing.classes,
                     "counts": {s: listing.count(s) for s in listing.paths}, "mean": list(mean), "std": list(std),
-                    "listing_digest": listing.digest(), "created": time.time()}
+                    "listing_digest": listing.digest(), "created": time.time(), "build_token": token}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         with open(os.path.join(tmp, "files.json"), "w") as f:  # every source file with its size and mtime
@@ -214,14 +224,50 @@ def _build(root: str, listing: Listing, store_size: int, final: str, workers: in
         for name in os.listdir(tmp):  # data on disk before the rename makes the entry visible
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-        if os.path.exists(final):
+        if os.path.exists(final):  # the stale entry this build replaces (we hold the lock)
             shutil.rmtree(final)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # another host sharing cache_dir (where flock does not reach) renamed its build there
+            # first: keep that complete entry, drop ours
+            if _read_manifest(final) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         bar.close()
+
+
+def _host() -> str:
+    """This machine's name as it may appear in a file name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_dead_builds(entry: str) -> int:
+    """Delete ``<entry>.tmp-<this host>-<pid>`` directories whose process is gone (builds that died);
+    temps of other hosts sharing the cache_dir and of live processes stay. Returns how many."""
+    n = 0
+    # <entry>.tmp-<pid>: the name before 2026-11-27 (no host), swept the same way
+    for prefix in (f"{Path(entry).name}.tmp-{_host()}-", f"{Path(entry).name}.tmp-"):
+        for stale in Path(entry).parent.glob(glob.escape(prefix) + "*"):
+            pid = stale.name[len(prefix):]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+                n += 1
+    return n
 
 
 def _map(path: str, n: int, size: int) -> torch.Tensor:
@@ -275,25 +321,25 @@ def _check_space(cache_dir: str, listing: Listing, store_size: int) -> None:
 
 
 def open_cached(root: str, listing: Listing, store_size: int, cache_dir: str, mode: str = "auto",
-                workers: int = 0, rebuild_before: Optional[float] = None, progress: bool = True, say=print):
+                workers: int = 0, rebuild_token: Optional[str] = None, progress: bool = True, say=print):
     """Memory-mapped splits of an image folder, building or rebuilding its cache entry when needed.
 
     listing: the folder as it is now (list_folder). Returns (classes, {split: (images (N, 3, S, S)
     uint8 memmap tensor, labels (N,))}, mean, std).
-    mode: 'auto' (build if missing or stale) or 'rebuild' (rebuild an entry built before
-    ``rebuild_before``, a time stamp shared by the ranks of one run, so it is rebuilt once)."""
+    mode: 'auto' (build if missing or stale) or 'rebuild' (rebuild unless the entry was built with
+    ``rebuild_token``, a string shared by the processes of one run, so the run rebuilds it once per
+    cache_dir however many ranks and nodes it has; None: rebuild now)."""
     os.makedirs(cache_dir, exist_ok=True)
     entry = entry_dir(root, store_size, cache_dir)
     with open(entry + ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per machine; the others wait here
         try:
-            for stale in Path(cache_dir).glob(Path(entry).name + ".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # a build that died: never trusted
+            remove_dead_builds(entry)  # builds that died: never trusted
             manifest = _read_manifest(entry)
             reason = None
             if manifest is None:
                 reason = "no cache yet" if not os.path.exists(entry) else "the cache has no manifest"
-            elif mode == "rebuild" and manifest.get("created", 0) < (rebuild_before or time.time()):
+            elif mode == "rebuild" and (rebuild_token is None or manifest.get("build_token") != rebuild_token):
                 reason = "data.cache=rebuild"
             else:
                 reason = why_stale(manifest, listing, store_size, entry)
@@ -302,7 +348,7 @@ def open_cached(root: str, listing: Listing, store_size: int, cache_dir: str, mo
                 # whichever process builds says so (under torchrun it need not be rank 0)
                 print(f"[ssl_sphere] building the image cache {entry} ({reason})", flush=True)
                 t0 = time.time()
-                _build(root, listing, store_size, entry, workers, progress)
+                _build(root, listing, store_size, entry, workers, progress, rebuild_token)
                 with open(entry + ".builds.log", "a") as log:  # who built this entry, when and why
                     log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {os.uname().nodename} pid {os.getpid()}: "
                               f"{listing.count()} images in {time.time() - t0:.1f}s "

@@ -32,7 +32,9 @@ def rng_state() -> Dict[str, Any]:
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's device only (one per rank): every device's state would initialise a
+        # context on each GPU and could not be restored on a machine with fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -43,7 +45,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     v, internal, gauss = state["python"]
     random.setstate((v, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints before 2026-11-27: every device's state
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def _umask() -> int:
@@ -100,12 +106,13 @@ def save(path: str, payload: Dict[str, Any]) -> None:
 
 
 def remove_stale_temp_files(d: str) -> int:
-    """Delete the ``.tmp-*.pt`` files a killed save left in run directory ``d``; returns how many.
-    Only the process that owns the run directory calls this, before it saves anything."""
+    """Delete the ``.tmp-*`` files a killed save (or metrics.jsonl rewrite) left in run directory
+    ``d``; returns how many. Only the process that holds the run directory's lock calls this,
+    before it saves anything."""
     n = 0
     if os.path.isdir(d):
         for name in os.listdir(d):
-            if name.startswith(TEMP_PREFIX) and name.endswith(".pt"):
+            if name.startswith(TEMP_PREFIX) and os.path.isfile(os.path.join(d, name)):
                 try:
                     os.remove(os.path.join(d, name))
                     n += 1

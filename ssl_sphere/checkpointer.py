@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig
 
 from . import checkpoint, dist
-from .config import to_container
-from .errors import UserError
+from .config import ConfigError, to_container
+from .errors import UserError, first_line
 from .run import seed_everything
 
 FORMAT_VERSION = 2  # 2: samples_seen, global_batch, rng_per_rank
@@ -38,6 +38,8 @@ class Checkpointer:
         self.monitor, self.steps_per_epoch, self.global_batch = monitor, steps_per_epoch, global_batch
         self.world, self.main = world, main
         self.last_saved_step: Optional[int] = None
+        self.last_good: Optional[str] = None  # the newest complete checkpoint of this run's state
+        self.knn_step: Optional[int] = None  # the step of the last kNN evaluation in the restored checkpoint
         self.last_save_time = time.monotonic()
         self.start_knn: Optional[float] = None  # carried from the checkpoint when the monitor is off
         # samples seen = samples_base + (step - step_base) * global_batch: exact across resumes on
@@ -52,14 +54,20 @@ class Checkpointer:
     def samples_seen(self, step: int) -> int:
         return self.samples_base + (step - self.step_base) * self.global_batch
 
-    def restore(self, ckpt: Dict[str, Any], rank: int) -> int:
+    def restore(self, ckpt: Dict[str, Any], rank: int, source: Optional[str] = None) -> int:
         """Load a checkpoint's model, optimiser, monitor and RNG states; returns the step to
         continue at. Same world size and global batch: the exact continuation (every rank gets
         its own saved RNG state). Otherwise the step is recomputed from the samples seen, so the
         lr / momentum / SEC / SEE schedules (functions of step / total) continue where they were,
-        and each rank gets a fresh RNG stream seeded from (seed, step, rank)."""
+        and each rank gets a fresh RNG stream seeded from (seed, step, rank). source: the file
+        ``ckpt`` came from (the last good checkpoint until this run saves its own)."""
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ConfigError(f"the optimiser state in {source or 'the checkpoint'} does not fit this run's optimiser "
+                              f"({first_line(exc)}): resume with the checkpoint's optim settings (optim.name, "
+                              "optim.decay_norm_and_bias), or start a new run from its weights") from None
         step = int(ckpt["step"])
         saved_world = int(ckpt.get("world_size", 1))
         saved_cfg = ckpt["config"]
@@ -84,6 +92,8 @@ class Checkpointer:
                                f"of the epoch is re-sliced into batches of the new size")
         self.samples_base, self.step_base = samples, start
         self.last_saved_step = start
+        self.last_good = source
+        self.knn_step = ckpt.get("knn_step", step)  # before this field: the epoch-end evaluation was made
         return start
 
     def payload(self, step: int, rngs: list) -> Dict[str, Any]:
@@ -93,6 +103,7 @@ class Checkpointer:
                 "global_batch": self.global_batch, "rng": rngs[0], "rng_per_rank": rngs,
                 "config": to_container(self.cfg), "start_knn_top1": m.start if m is not None else self.start_knn,
                 "best_knn_top1": m.best if m is not None and m.best > -1 else None,
+                "knn_step": m.last.get("step") if m is not None else None,
                 "world_size": self.world, "version": FORMAT_VERSION}
 
     def due(self, step: int) -> bool:
@@ -109,12 +120,26 @@ class Checkpointer:
         non-finite loss (``first_bad``, see TrainStep), gathers every rank's RNG state, rank 0 writes."""
         self.check_finite(first_bad)
         rngs = dist.all_gather_object(checkpoint.rng_state())
+        failed = None
         if self.main:
-            payload = self.payload(step, rngs)
-            checkpoint.save(self.last_path, payload)
-            if periodic:
-                checkpoint.save(os.path.join(self.run_dir, f"epoch_{step // self.steps_per_epoch:04d}.pt"), payload)
+            try:
+                payload = self.payload(step, rngs)
+                checkpoint.save(self.last_path, payload)
+                if periodic:
+                    checkpoint.save(os.path.join(self.run_dir, f"epoch_{step // self.steps_per_epoch:04d}.pt"),
+                                    payload)
+            except checkpoint.CheckpointError as exc:
+                failed = exc
+            except Exception as exc:  # anything else: still one error every rank can unpickle and raise
+                failed = checkpoint.CheckpointError(f"cannot write {self.last_path}: {type(exc).__name__}: "
+                                                    f"{first_line(exc)}")
+        # every rank waits here until rank 0's file is complete (a stop right after a save must
+        # not end rank 0 mid-write), and every rank raises rank 0's write error, not only rank 0
+        failed = dist.broadcast_object(failed)
+        if failed is not None:
+            raise failed
         self.last_saved_step = step
+        self.last_good = self.last_path
         self.last_save_time = time.monotonic()
 
     def check_finite(self, first_bad: torch.Tensor) -> None:
@@ -123,7 +148,7 @@ class Checkpointer:
         bad = int(dist.all_reduce_max(first_bad).item())
         if bad < 0:
             return
-        where = (f"last good checkpoint: {self.last_path} (step {self.last_saved_step})"
-                 if self.last_saved_step is not None else "no checkpoint was written yet")
+        where = (f"last good checkpoint: {self.last_good} (step {self.last_saved_step})"
+                 if self.last_good is not None else "no checkpoint was written yet")
         raise NonFiniteLoss(f"non-finite loss at step {bad}; stopping. {where}. Lower --lr or sec.weight, or "
                             f"resume with --resume from the checkpoint.")

@@ -357,7 +357,7 @@ def resolve(cfg: DictConfig) -> DictConfig:
     if c.eval.test_size is None:
         c.eval.test_size = 10000 if on_gpu else 1000
     if c.model.split_bn is None:
-        c.model.split_bn = 8 if name == "moco" and world == 1 else 1
+        c.model.split_bn = 8 if name == "moco" and world == 1 and not c.model.sync_bn else 1
     if c.optim.lr is None:
         # linear scaling on the GLOBAL batch (batch_size is per process)
         c.optim.lr = c.optim.base_lr * c.optim.batch_size * world / 128
@@ -389,6 +389,9 @@ def resolve(cfg: DictConfig) -> DictConfig:
     _check(c.data.train_limit is None or c.data.train_limit >= 1, "data.train_limit", "must be >= 1")
     _check(c.optim.batch_size >= 2, "optim.batch_size", "must be >= 2 (contrastive losses need negatives)")
     _check(c.model.split_bn >= 1, "model.split_bn", "must be >= 1 (1: plain BatchNorm)")
+    _check(not (c.model.sync_bn and c.model.split_bn > 1 and world > 1), "model.split_bn",
+           "split BN (per-group statistics) and model.sync_bn (global statistics) exclude each other; set "
+           "model.split_bn=1 to synchronise BN")
     _check(c.optim.batch_size % c.model.split_bn == 0, "model.split_bn",
            f"the batch of {c.optim.batch_size} does not split into {c.model.split_bn} equal BN groups; choose a "
            f"batch divisible by it or another model.split_bn (1 turns it off)")

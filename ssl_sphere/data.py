@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -258,6 +259,9 @@ def decode_images(paths: Sequence[str], size: int, workers: int = 0) -> torch.Te
     try:
         for k, part in enumerate(ex.map(_decode_job, jobs) if parallel else map(_decode_job, jobs)):
             out[k * chunk:k * chunk + len(part)] = torch.from_numpy(part).permute(0, 3, 1, 2)
+    except BrokenProcessPool:
+        raise DataError("a decode worker process died (killed, often out of memory); set data.decode_workers "
+                        "to fewer processes, e.g. 1, and start again") from None
     finally:
         if ex is not None:
             ex.shutdown()
@@ -265,7 +269,7 @@ def decode_images(paths: Sequence[str], size: int, workers: int = 0) -> torch.Te
 
 
 def load_imagefolder(root: str, image_size: int, workers: int = 0, store_size: Optional[int] = None,
-                     cache: str = "off", cache_dir: Optional[str] = None, rebuild_before: Optional[float] = None,
+                     cache: str = "off", cache_dir: Optional[str] = None, rebuild_token: Optional[str] = None,
                      progress: bool = True, say=print) -> DataSplits:
     """ROOT/train/<class>/* (pretraining + kNN bank) and ROOT/test|val/<class>/* (queries).
 
@@ -286,22 +290,22 @@ def load_imagefolder(root: str, image_size: int, workers: int = 0, store_size: O
         from .cache import default_cache_dir, open_cached
 
         cache_dir = cache_dir or default_cache_dir()
-        classes, arrays, mean, std = open_cached(root, listing, store, cache_dir, cache, workers, rebuild_before,
+        classes, arrays, mean, std = open_cached(root, listing, store, cache_dir, cache, workers, rebuild_token,
                                                  progress, say)
     train = Split(*arrays["train"])
     return DataSplits(name, train, train, Split(*arrays["test"]), classes, mean, std)
 
 
-def load_data(dcfg, rebuild_before: Optional[float] = None, progress: bool = True, say=print) -> DataSplits:
+def load_data(dcfg, rebuild_token: Optional[str] = None, progress: bool = True, say=print) -> DataSplits:
     """Build the splits for a data config section (see config.DataConfig). Image folders come from
-    the decoded-image cache (data.cache); rebuild_before: see cache.open_cached; progress / say: the
+    the decoded-image cache (data.cache); rebuild_token: see cache.open_cached; progress / say: the
     decode progress bar and messages (rank 0 only under DDP)."""
     name = dcfg.dataset
     if name == "digits":
         ds = load_digits(dcfg.image_size)
     elif name == "imagefolder":
         ds = load_imagefolder(dcfg.root, dcfg.image_size, dcfg.decode_workers, dcfg.store_size, dcfg.cache,
-                              dcfg.cache_dir, rebuild_before, progress, say)
+                              dcfg.cache_dir, rebuild_token, progress, say)
     else:
         root = dcfg.root or os.path.join("data", name)
         ds = load_cifar(name, root, dcfg.download) if name.startswith("cifar") else load_stl10(root, dcfg.download)

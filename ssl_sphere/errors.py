@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable, Optional, Sequence
@@ -13,14 +14,14 @@ class UserError(Exception):
     non-finite loss): commands print its message as one line and exit with code 2."""
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     text = str(text).strip()
     return text.splitlines()[0] if text else "unknown error"
 
 
 def run_cli(main_fn: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run a command's ``main_fn(argv)`` and map what it raises to an exit code:
-    UserError / FileNotFoundError -> 2; OSError (a full or read-only disk) -> 2; a stop on
+    UserError / FileNotFoundError -> 2; other OSError (a full or read-only disk) -> 2; a stop on
     SIGTERM / SIGUSR1 after saving -> 75, on Ctrl-C -> 130 (see ssl_sphere.signals)."""
     from .signals import StopRequested
 
@@ -32,12 +33,14 @@ def run_cli(main_fn: Callable[[Optional[Sequence[str]]], int], argv: Optional[Se
                   "(or the same command with --resume auto)", file=sys.stderr)
         return stop.exit_code
     except (UserError, FileNotFoundError) as exc:
-        print(f"error: {_first_line(exc)}", file=sys.stderr)
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"error: cannot write{where}: {exc.strerror or _first_line(exc)}; free space or choose another "
-              "--output-dir (saved checkpoints are intact)", file=sys.stderr)
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        hint = ("free space there or choose another --output-dir / data.cache_dir" if exc.errno == errno.ENOSPC
+                else "check the path and its permissions")
+        print(f"error: {exc.strerror or first_line(exc)}{where}; {hint} (saved checkpoints are intact)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint (if any) is intact; continue with --resume auto", file=sys.stderr)

@@ -56,7 +56,7 @@ def build_model(cfg: DictConfig, n_train: int = 0, device: Union[str, torch.devi
     per image). With ``device``: moved there, SyncBatchNorm across ``world`` > 1 ranks if
     model.sync_bn, and in channels_last memory format if model.channels_last."""
     backbone, fdim = build_backbone(cfg.model.backbone, cfg.model.small_images)
-    if cfg.model.split_bn > 1:
+    if (cfg.model.get("split_bn") or 1) > 1:  # None in checkpoints from before split BN
         split_batchnorm(backbone, cfg.model.split_bn)  # before the method copies it into its EMA encoder
     method = build_method(cfg.method, backbone, fdim, cfg.see)
     sec = SEC(cfg.sec.weight, cfg.sec.ema, cfg.sec.ramp) if cfg.sec.enabled else None
@@ -194,6 +194,9 @@ def load_pretrained(path: str, part: str = "backbone", device: Union[str, torch.
         module = method.encoder.target[0]
     else:
         module = model
+    for m in module.modules():  # a user's batch need not split into the training run's BN groups
+        if hasattr(m, "num_splits"):
+            m.num_splits = 1
     mean, std = normalisation(cfg)
     return Pretrained(module.to(device).eval(), part, int(cfg.data.image_size), mean, std, method.feature_dim,
                       cfg.model.backbone, bool(cfg.model.small_images), ckpt["config"], ckpt.get("step"),

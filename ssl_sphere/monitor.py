@@ -24,6 +24,25 @@ def _to_floats(values: Dict[str, object]) -> Dict[str, float]:
     return {k: got[k] if k in got else float(v) for k, v in values.items()}
 
 
+def _keep(line: str, purge_step: int) -> bool:
+    """A metrics.jsonl line logged at or before ``purge_step``; a line torn by a kill goes."""
+    try:
+        return json.loads(line)["step"] <= purge_step
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _purge_jsonl(path: str, purge_step: int) -> None:
+    """Drop the lines after ``purge_step`` (and torn ones) from metrics.jsonl, atomically: a kill
+    during the rewrite leaves the old file, never a truncated one."""
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and _keep(line, purge_step)]
+    tmp = os.path.join(os.path.dirname(path), f".tmp-metrics-{os.getpid()}.jsonl")  # swept like checkpoint temps
+    with open(tmp, "w") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in keep)
+    os.replace(tmp, path)
+
+
 class RunLogger:
     """Writes scalars to TensorBoard and one JSON object per call to metrics.jsonl.
     Inactive (all no-ops) on ranks other than 0."""
@@ -37,10 +56,7 @@ class RunLogger:
             self.writer = SummaryWriter(run_dir, purge_step=purge_step)
             path = os.path.join(run_dir, "metrics.jsonl")
             if purge_step is not None and os.path.exists(path):
-                with open(path) as f:
-                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= purge_step]
-                with open(path, "w") as f:
-                    f.writelines(keep)
+                _purge_jsonl(path, purge_step)
             self.jsonl = open(path, "a", buffering=1)
 
     def log(self, step: int, values: Dict[str, object], prefix: str, **extra) -> Dict[str, float]:

@@ -101,7 +101,8 @@ def flag_values(args: argparse.Namespace) -> Dict[str, Any]:
 # config keys that shape the saved weights: a resume may not change them
 ARCHITECTURE_KEYS = ("method.name", "model.backbone", "model.small_images", "method.proj_hidden_dim",
                      "method.proj_dim", "method.pred_hidden_dim", "method.queue_size", "sec.enabled",
-                     "vmf.enabled", "vmf.k")
+                     "vmf.enabled", "vmf.k",
+                     "optim.decay_norm_and_bias")  # the optimiser's parameter groups follow it
 
 
 def build_config(argv: Optional[Sequence[str]] = None) -> DictConfig:

@@ -3,9 +3,11 @@ optimisation step (``TrainStep``) and ``train()``, a sequence of named phases.""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -18,6 +20,7 @@ from .augment import Augmenter
 from .checkpointer import Checkpointer, NonFiniteLoss
 from .config import ConfigError
 from .data import DataSplits, load_data, step_batches, steps_per_epoch
+from .errors import UserError, first_line
 from .evaluation import alignment_uniformity, extract_features, stratified_subset
 from .loader import Prefetcher
 from .methods import Method
@@ -167,24 +170,59 @@ def setup_process(cfg: DictConfig) -> tuple[torch.device, int, int]:
     return device, dist.rank(), dist.world_size()
 
 
-def open_run_dir(cfg: DictConfig) -> tuple[str, Optional[dict]]:
+def _lock_run_dir(run_dir: str):
+    """An exclusive lock on ``run_dir/.lock``, held (the returned open file) for the whole run, so a
+    second run resuming the same directory (a requeued job while the first still runs, two
+    ``--resume auto`` of one name) is refused instead of interleaving its saves. A POSIX record
+    lock (lockf), not flock: it belongs to this process only, so the decode workers it forks do
+    not hold it after a kill. None where the file system has no locks: the run goes on unguarded."""
+    import fcntl
+
+    f = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        f.close()
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            raise ConfigError(f"another run is writing into {run_dir} (it holds {run_dir}/.lock); wait for it to "
+                              "stop, or start this one elsewhere with --run-name NEW") from None
+        return None
+    return f
+
+
+def open_run_dir(cfg: DictConfig) -> tuple[str, Optional[str], Optional[dict], object]:
     """Rank 0 claims the run directory (and finds the checkpoint to resume) for every rank,
-    before anything else happens, and clears the temp files a killed save left there; the
-    config records where the run lives."""
-    claim = None
+    before anything else happens, locks it for the run, and clears the temp files a killed save
+    left there; the config records where the run lives. Returns (run_dir, path of the checkpoint
+    to resume or None, that checkpoint, the lock to close when the run ends (rank 0; None elsewhere))."""
+    claim, lock, error = None, None, None
     if dist.is_main():
         try:
-            claim = claim_run_dir(cfg)
-            checkpoint.remove_stale_temp_files(claim[0])
-        except ConfigError as exc:
-            claim = exc  # every rank raises it, not only rank 0
+            run_dir, path = claim_run_dir(cfg)
+            lock = _lock_run_dir(run_dir)  # before the cleanup: a live run's temp file is not stale
+            checkpoint.remove_stale_temp_files(run_dir)
+            claim = (run_dir, path)
+        except Exception as exc:
+            if lock is not None:
+                lock.close()
+            error = exc
+            # every rank raises it, not only rank 0: as a one-argument error that surely pickles
+            claim = exc if isinstance(exc, UserError) else ConfigError(f"{type(exc).__name__}: {first_line(exc)}")
     claim = dist.broadcast_object(claim)
+    if error is not None:
+        raise error
     if isinstance(claim, Exception):
         raise claim
     run_dir, resume_path = claim
     cfg.run.run_name = os.path.basename(run_dir)
     cfg.run.output_dir = os.path.dirname(run_dir)
-    return run_dir, (checkpoint.load(resume_path) if resume_path else None)
+    try:
+        ckpt = checkpoint.load(resume_path) if resume_path else None
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return run_dir, resume_path, ckpt, lock
 
 
 def record_normalisation(cfg: DictConfig, splits: DataSplits) -> None:
@@ -221,6 +259,16 @@ def evaluate(run: Run, step: int) -> None:
             f"{res['knn_top1']:.2f}% top-5 {res['knn_top5']:.2f}% ({res['knn_seconds']:.1f}s)")
 
 
+def knn_missing(run: Run, start: int, ckpt: Optional[dict]) -> bool:
+    """Whether the kNN evaluation due at ``start`` has not been made: a fresh run's baseline, or
+    the epoch-end evaluation that a stop signal skipped (see end_of_epoch) before a resume."""
+    if ckpt is None:
+        return start == 0
+    epoch, pos = divmod(start, run.plan.steps_per_epoch)
+    due = start == 0 or (pos == 0 and epoch % run.cfg.eval.every_epochs == 0)
+    return due and run.checkpointer.knn_step != start and start < run.plan.stop
+
+
 def log_step(run: Run, step: int, loss, method_loss, logs: Dict[str, torch.Tensor], lr: float) -> None:
     """Scalars of step ``step`` to TensorBoard / metrics.jsonl and the progress bar (one host sync)."""
     vals = run.logger.log(step, {"loss": loss.detach(), "method_loss": method_loss.detach(), "lr": lr, **logs},
@@ -243,13 +291,15 @@ def log_sphere_stats(logger: RunLogger, emb: torch.Tensor, step: int, two_views:
         logger.log(step, alignment_uniformity(z1, z2), "sphere")
 
 
-def end_of_epoch(run: Run, step: int, emb: torch.Tensor) -> None:
-    """Embedding statistics, the kNN monitor when due, and last.pt (+ epoch_XXXX.pt when due)."""
+def end_of_epoch(run: Run, step: int, emb: torch.Tensor, stopping: bool = False) -> None:
+    """Embedding statistics, the kNN monitor when due, and last.pt (+ epoch_XXXX.pt when due).
+    stopping: a stop signal came in; save at once (a scheduler's grace period is short) and
+    leave out the kNN evaluation."""
     cfg = run.cfg
     epoch = step // run.plan.steps_per_epoch
     run.checkpointer.check_finite(run.step_fn.first_bad)
     log_sphere_stats(run.logger, emb, step, two_views=cfg.method.name != "moco" or cfg.method.symmetric)
-    if run.monitor is not None and epoch % cfg.eval.every_epochs == 0:
+    if run.monitor is not None and epoch % cfg.eval.every_epochs == 0 and not stopping:
         evaluate(run, step)
     every = cfg.run.ckpt_every_epochs
     run.checkpointer.save(step, run.step_fn.first_bad, periodic=bool(every) and epoch % every == 0)
@@ -300,7 +350,7 @@ def loop(run: Run, start: int) -> int:
             run.bar.update(1)
         signum, time_due = poll(run)
         if step % plan.steps_per_epoch == 0:
-            end_of_epoch(run, step, emb)
+            end_of_epoch(run, step, emb, stopping=bool(signum) and step < plan.stop)
         elif time_due or run.checkpointer.due(step):
             run.checkpointer.save(step, step_fn.first_bad)
         if signum and step < plan.stop:
@@ -342,20 +392,40 @@ def close_quietly(run: Run) -> None:
 
 def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, object]:
     """Pretrain as configured (cfg already resolved). Returns a summary dict.
-    splits: already loaded data for cfg.data (studies reuse one decode across runs)."""
-    # set up the run
+    splits: already loaded data for cfg.data (studies reuse one decode across runs).
+    SIGTERM / SIGUSR1 / Ctrl-C from the start on: save at the next step boundary and stop."""
     device, rank, world = setup_process(cfg)
+    run_dir, resume_path, ckpt, lock = open_run_dir(cfg)
+    try:
+        return _train(cfg, splits, device, rank, world, run_dir, resume_path, ckpt)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(cfg: DictConfig, splits: Optional[DataSplits], device: torch.device, rank: int, world: int,
+           run_dir: str, resume_path: Optional[str], ckpt: Optional[dict]) -> Dict[str, object]:
     main = rank == 0
-    run_dir, ckpt = open_run_dir(cfg)
     seed_everything(cfg.run.seed + rank)
     if splits is None:
-        started = dist.broadcast_object(time.time())  # data.cache=rebuild: one rebuild per run, not per rank
-        splits = load_data(cfg.data, rebuild_before=started, progress=main and cfg.run.progress,
+        started = time.time()
+        token = dist.broadcast_object(uuid.uuid4().hex)  # data.cache=rebuild: one rebuild per run, not per rank
+        splits = load_data(cfg.data, rebuild_token=token, progress=main and cfg.run.progress,
                            say=print if main else (lambda *a: None))
         if main:
             print(f"[ssl_sphere] data ready in {time.time() - started:.2f}s")
     record_normalisation(cfg, splits)
     plan = Plan.of(cfg, len(splits.train), world)
+    # from here on (after the decode, whose worker processes keep the default handlers), SIGTERM /
+    # SIGUSR1 / Ctrl-C are recorded and stop the run at the next step boundary, after a save
+    with StopSignals() as signals:
+        return _build_and_run(cfg, splits, plan, device, rank, world, run_dir, resume_path, ckpt, signals)
+
+
+def _build_and_run(cfg: DictConfig, splits: DataSplits, plan: Plan, device: torch.device, rank: int, world: int,
+                   run_dir: str, resume_path: Optional[str], ckpt: Optional[dict],
+                   signals: StopSignals) -> Dict[str, object]:
+    main = rank == 0
 
     # build
     aug = Augmenter(cfg.aug, cfg.data.image_size, splits.mean, splits.std, cfg.data.eval_crop).to(device)
@@ -367,7 +437,7 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, obj
                                 world, main)
 
     # resume (weights before compile and the DDP wrapper; DDP then broadcasts rank 0's state)
-    start = checkpointer.restore(ckpt, rank) if ckpt is not None else 0
+    start = checkpointer.restore(ckpt, rank, source=resume_path) if ckpt is not None else 0
     if cfg.model.compile:
         model.method.backbone.compile()
     wrapped = model
@@ -380,21 +450,20 @@ def train(cfg: DictConfig, splits: Optional[DataSplits] = None) -> Dict[str, obj
     step_fn = TrainStep(wrapped, model.method, optimizer, aug, images, on_device, cfg, plan.total, plan.warmup, device)
     logger = open_logs(cfg, run_dir, main, purge_step=start if ckpt is not None else None)
     run = Run(cfg, run_dir, device, main, plan, splits, aug, model, step_fn, logger, monitor, checkpointer,
-              StopSignals(), dist.cpu_group())
+              signals, dist.cpu_group())
     announce(run, start, resumed=ckpt is not None)
 
-    # loop over steps, finish (SIGTERM / SIGUSR1 / Ctrl-C: save at the next step boundary and stop)
+    # loop over steps, finish
     try:
-        with run.signals:
-            if start == 0 and monitor is not None:
-                evaluate(run, 0)  # random-init baseline
-            if main and cfg.run.progress:
-                from tqdm import tqdm
+        if monitor is not None and not signals.received and knn_missing(run, start, ckpt):
+            evaluate(run, start)  # the random-init baseline, or an epoch-end evaluation a stop skipped
+        if main and cfg.run.progress:
+            from tqdm import tqdm
 
-                run.bar = tqdm(total=plan.stop, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
-            model.train()
-            step = loop(run, start)
-            summary = finish(run, start, step)
+            run.bar = tqdm(total=plan.stop, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
+        model.train()
+        step = loop(run, start)
+        summary = finish(run, start, step)
     except BaseException:
         close_quietly(run)  # the error in flight is the one to report, not a failing flush after it
         raise

@@ -231,3 +231,53 @@ def test_two_ranks_build_once_and_share_the_cache(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert builds(tmp_path / "c") == 1 and (res.stdout + res.stderr).count("building the image cache") == 1
+
+
+def test_rebuild_once_per_run_token_and_dead_builds_only_of_this_host(folder, tmp_path, monkeypatch):
+    cdir = tmp_path / "c"
+    load(folder, cdir)
+    assert builds(cdir) == 1
+    load(folder, cdir, cache="rebuild", rebuild_token="run-a")  # the run's first process rebuilds
+    load(folder, cdir, cache="rebuild", rebuild_token="run-a")  # its other ranks map that build
+    assert builds(cdir) == 2
+    load(folder, cdir, cache="rebuild", rebuild_token="run-b")  # the next run asks again: rebuilt again
+    assert builds(cdir) == 3
+    # temps of a dead process on this host go; a live process's and another host's stay
+    entry = cache.entry_dir(str(folder), 16, str(cdir))
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # above pid_max: never a live process
+    host = cache._host()
+    names = {"dead": f"{entry}.tmp-{host}-{dead}", "live": f"{entry}.tmp-{host}-{os.getpid()}",
+             "other_host": f"{entry}.tmp-elsewhere-{dead}", "old_format": f"{entry}.tmp-{dead}"}
+    for d in names.values():
+        os.makedirs(d)
+    assert cache.remove_dead_builds(entry) == 2
+    assert not os.path.exists(names["dead"]) and not os.path.exists(names["old_format"])
+    assert os.path.exists(names["live"]) and os.path.exists(names["other_host"])
+
+
+def test_a_decode_worker_killed_is_a_clear_error(folder, tmp_path, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from ssl_sphere import data
+
+    class Broken:
+        def __init__(self, *a, **k):
+            pass
+
+        def map(self, *a, **k):
+            raise BrokenProcessPool("a child process terminated abruptly")
+
+        def shutdown(self, *a, **k):
+            pass
+
+        __enter__ = lambda self: self  # noqa: E731
+        __exit__ = lambda self, *exc: None  # noqa: E731
+
+    monkeypatch.setattr(data, "ProcessPoolExecutor", Broken)
+    monkeypatch.setattr(cache, "ProcessPoolExecutor", Broken)
+    files = [str(p) for p in sorted(Path(folder).rglob("*.png"))]
+    with pytest.raises(data.DataError, match="decode_workers"):
+        data.decode_images(files, 16, workers=2)
+    with pytest.raises(cache.CacheError, match="decode_workers"):
+        load_imagefolder(str(folder), 16, workers=2, cache="auto", cache_dir=str(tmp_path / "c"), **QUIET)
+    assert not list((tmp_path / "c").glob("*-s16/manifest.json"))  # no entry trusted

@@ -218,3 +218,78 @@ def test_slurm_script_requeues_on_usr1_and_the_requeued_job_resumes(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed at step {stopped}" in res.stdout and checkpoint.load(str(run_dir / "last.pt"))["step"] == 66
     assert train_rows(run_dir) == list(range(1, 67))
+
+
+def test_a_stop_at_an_epoch_end_saves_without_the_knn_evaluation(tmp_path, monkeypatch):
+    import ssl_sphere.train as train_mod
+    from ssl_sphere.signals import StopRequested
+
+    polls = {"n": 0}
+
+    def poll(run):  # a SIGTERM that arrives during the last step of epoch 1 (5 steps of 256 on digits)
+        polls["n"] += 1
+        return (int(signal.SIGTERM) if polls["n"] == 5 else 0), False
+
+    monkeypatch.setattr(train_mod, "poll", poll)
+    with pytest.raises(StopRequested) as stop:
+        run(tmp_path, "--batch-size", "256", "--epochs", "3", "--run-name", "r", "eval.every_epochs=1",
+            "eval.bank_size=200", "eval.test_size=50")
+    assert stop.value.step == 5 and checkpoint.load(str(tmp_path / "r" / "last.pt"))["step"] == 5
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0]  # the random-init baseline only
+    monkeypatch.undo()
+    run(tmp_path, "--batch-size", "256", "--epochs", "2", "--run-name", "r", "eval.every_epochs=1",
+        "eval.bank_size=200", "eval.test_size=50", "--resume", "auto")
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 5, 10]  # the skipped one made on resume
+
+
+def test_a_second_run_into_a_locked_run_directory_is_refused(tmp_path, capsys):
+    args = ["--batch-size", "256", "--max-steps", "2", "--run-name", "r", "--output-dir", str(tmp_path), *FAST]
+    assert main(args) == 0
+    # a first run still writing there (a requeued job's twin): another process holding the lock
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from ssl_sphere.train import _lock_run_dir; "
+                               f"lock = _lock_run_dir({str(tmp_path / 'r')!r}); print('held', flush=True); "
+                               "sys.stdin.read()"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(args[:3] + ["4", *args[4:], "--resume", "auto"]) == 2
+        err = capsys.readouterr().err
+        assert "another run is writing into" in err and ".lock" in err
+        assert checkpoint.load(str(tmp_path / "r" / "last.pt"))["step"] == 2
+    finally:
+        holder.communicate("")
+    assert main(args[:3] + ["4", *args[4:], "--resume", "auto"]) == 0  # released: the resume goes ahead
+
+
+def test_torn_metrics_line_and_mismatched_optimiser_state_on_resume(tmp_path, capsys):
+    r = tmp_path / "r"
+    run(tmp_path, "--batch-size", "256", "--max-steps", "2", "--run-name", "r", "run.log_every=1")
+    with open(r / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "kind": "tra')  # a kill in the middle of a line
+    run(tmp_path, "--batch-size", "256", "--max-steps", "4", "--run-name", "r", "run.log_every=1", "--resume",
+        "auto")
+    assert train_rows(r) == [1, 2, 3, 4]
+    # an optimiser state that does not fit (e.g. edited, or another optimiser's): a clear error
+    ck = checkpoint.load(str(r / "last.pt"))
+    ck["optimizer"]["param_groups"] = ck["optimizer"]["param_groups"][:1] * 3
+    checkpoint.save(str(r / "last.pt"), ck)
+    capsys.readouterr()
+    assert main(["--resume", str(r / "last.pt"), "--max-steps", "6", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "optimiser state in" in err and "last.pt" in err and "Traceback" not in err
+    # and a change of optim.decay_norm_and_bias (other parameter groups) is refused up front
+    assert main(["--resume", str(r / "last.pt"), "optim.decay_norm_and_bias=true", *FAST]) == 2
+    assert "optim.decay_norm_and_bias changed" in capsys.readouterr().err
+
+
+def test_non_finite_loss_in_a_fork_names_the_checkpoint_it_started_from(tmp_path, monkeypatch, capsys):
+    import ssl_sphere.methods.simclr as simclr
+
+    run(tmp_path, "--method", "simclr", "--batch-size", "256", "--max-steps", "2", "--run-name", "r")
+    real = simclr.nt_xent
+    monkeypatch.setattr(simclr, "nt_xent", lambda *a, **k: real(*a, **k) * float("nan"))
+    assert main(["--resume", str(tmp_path / "r" / "last.pt"), "--run-name", "fork", "--max-steps", "4",
+                 "run.log_every=1", *FAST]) != 0
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 2" in err and f"{tmp_path / 'r' / 'last.pt'} (step 2)" in err
