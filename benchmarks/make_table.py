@@ -31,6 +31,8 @@ def load(prefix: str = "cpu_"):
     recs = []
     for p in sorted(RESULTS.glob(f"{prefix}*.json")):
         rec = json.loads(p.read_text())
+        if "kind" not in rec:  # another script's record sharing the prefix (e.g. cpu_data_scale.json)
+            continue
         rec["file"] = p.name
         recs.append(rec)
     return recs

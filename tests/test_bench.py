@@ -129,3 +129,21 @@ def test_step_recipe_config_is_the_base(capsys):
     assert (cfg.optim.batch_size, cfg.model.backbone, cfg.method.queue_size) == (8, "tiny", 64)
     cfg = bench.step_config(bench.build_parser().parse_args(["step", "--method", "byol"]))
     assert (cfg.optim.batch_size, cfg.model.backbone) == (128, "resnet18")  # no recipe: the harness defaults
+
+
+@pytest.mark.parametrize("prefix", ["cpu_", "gpu_"])
+def test_committed_records_render_and_the_readme_tables_are_current(prefix):
+    """The records in benchmarks/results render (other scripts' records sharing the prefix, such
+    as cpu_data_scale.json, are skipped), and README.md holds exactly what they render to, so no
+    table there is typed by hand or left behind by a newer record."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_table", REPO / "benchmarks" / "make_table.py")
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    table = mt.render(prefix)
+    assert "views/s" in table
+    start, end = mt.markers(prefix)
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index(start) + len(start):readme.index(end)]
+    assert block.strip() == table.strip(), f"run `python benchmarks/make_table.py --prefix {prefix} --write`"
