@@ -97,11 +97,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.work)
-    rec = {"command": "python benchmarks/quality_vs_lightly.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    cmd = "python benchmarks/quality_vs_lightly.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rec = {"command": cmd,
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
            "torch": torch.__version__, "rows": []}
-    if args.out and Path(args.out).exists():
-        rec["rows"] = json.loads(Path(args.out).read_text())["rows"]
+    if args.out and Path(args.out).exists():  # appending: keep every command that added rows
+        old = json.loads(Path(args.out).read_text())
+        rec["rows"] = old["rows"]
+        rec["command"] = old["command"] if isinstance(old["command"], list) else [old["command"]]
+        if rec["command"][-1] != cmd:
+            rec["command"].append(cmd)
     done = {(r["library"], r["method"], r["seed"]) for r in rec["rows"]}
 
     def save(row):

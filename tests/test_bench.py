@@ -147,3 +147,27 @@ def test_committed_records_render_and_the_readme_tables_are_current(prefix):
     readme = (REPO / "README.md").read_text()
     block = readme[readme.index(start) + len(start):readme.index(end)]
     assert block.strip() == table.strip(), f"run `python benchmarks/make_table.py --prefix {prefix} --write`"
+
+
+def test_quality_vs_lightly_runs_both_libraries_and_appends(tmp_path, monkeypatch):
+    """benchmarks/quality_vs_lightly.py at toy size: both libraries train and are scored the same
+    way, rows are appended across invocations (no rerun of a row already there), and the record
+    keeps every command that added rows."""
+    import quality_vs_lightly as q
+
+    from .conftest import make_image_folder
+
+    monkeypatch.setenv("SSL_SPHERE_CACHE", str(tmp_path / "cache"))
+    root = make_image_folder(tmp_path / "folder", n_train=12, n_test=6, hw=(32, 32))
+    out = tmp_path / "q.json"
+    common = ["--data-root", str(root), "--steps", "1", "--batch", "8", "--train-size", "16", "--test-size", "8",
+              "--workers", "0", "--methods", "simclr", "--out", str(out), "--work", str(tmp_path / "work")]
+    assert q.main(common + ["--seeds", "0"]) == 0
+    assert q.main(common + ["--seeds", "0", "1"]) == 0
+    rec = json.loads(out.read_text())
+    keys = [(r["library"], r["method"], r["seed"]) for r in rec["rows"]]
+    assert sorted(keys) == sorted([(lib, m, s) for lib in ("ssl_sphere", "lightly")
+                                   for m, s in (("random_init", 0), ("simclr", 0), ("simclr", 1))])
+    assert all(0 <= r["knn_top1"] <= 100 for r in rec["rows"])
+    assert len(rec["command"]) == 2 and rec["command"][1].endswith("--seeds 0 1")
+    assert "| simclr |" in q.table(rec["rows"]) and "(n=2)" in q.table(rec["rows"])
