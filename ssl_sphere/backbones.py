@@ -61,7 +61,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
     CIFAR-10 demo, which single-GPU MoCo needs: with the key batch shuffled, a key and its
     query then never share BN statistics, MoCo Sec. 3.3). Sample n is in group n mod
     num_splits; the running statistics are the mean over the groups; eval mode is plain BN.
-    Same parameters and buffers as BatchNorm2d, so checkpoints move between the two."""
+    Same parameters and buffers as BatchNorm2d, so checkpoints move between the two; that is why
+    this is not lightly.models.batchnorm.SplitBatchNorm, whose running buffers are C x num_splits
+    (and which needs affine weights)."""
 
     def __init__(self, num_features: int, num_splits: int, **kw):
         super().__init__(num_features, **kw)

@@ -31,8 +31,6 @@ import socket
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -162,6 +160,11 @@ def why_stale(manifest: Dict, listing: Listing, store_size: int, entry: str) -> 
     return "; ".join(reasons) or "the folder changed (labels or order)"
 
 
+def _nbytes(n: int, store_size: int) -> int:
+    """Bytes of one split's (n, 3, S, S) uint8 array."""
+    return n * 3 * store_size * store_size
+
+
 def _decode_into(args) -> int:
     """Worker: decode files into rows [start, start + n) of the (N, 3, S, S) memmap at ``path``."""
     from .data import decode_files
@@ -180,7 +183,7 @@ def _build(root: str, listing: Listing, store_size: int, final: str, workers: in
     straight into the memmap: peak memory is one chunk per worker), then rename it to ``final``."""
     from tqdm import tqdm
 
-    from .data import channel_stats
+    from .data import channel_stats, decode_map
 
     tmp = f"{final}.tmp-{_host()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -194,22 +197,15 @@ def _build(root: str, listing: Listing, store_size: int, final: str, workers: in
             n = len(files)
             path = os.path.join(tmp, f"{split}.u8")
             with open(path, "wb") as f:
-                f.truncate(n * 3 * store_size * store_size)
+                f.truncate(_nbytes(n, store_size))
             chunk = max(1, min(512, n // (4 * workers) + 1))
             jobs = [(path, n, i, [os.path.join(root, f) for f in files[i:i + chunk]], store_size)
                     for i in range(0, n, chunk)]
-            if workers == 1 or len(jobs) == 1:
-                for j in jobs:
-                    bar.update(_decode_into(j))
-            else:
-                try:
-                    with ProcessPoolExecutor(workers) as ex:
-                        for done in ex.map(_decode_into, jobs):
-                            bar.update(done)
-                except BrokenProcessPool:
-                    raise CacheError(f"a decode worker died while building the image cache of {root} (killed, "
-                                     "often out of memory); set data.decode_workers to fewer processes, e.g. 1, "
-                                     "and start again (no cache entry was written)") from None
+            died = CacheError(f"a decode worker died while building the image cache of {root} (killed, often out "
+                              "of memory); set data.decode_workers to fewer processes, e.g. 1, and start again (no "
+                              "cache entry was written)")
+            for done in decode_map(_decode_into, workers, died, jobs):
+                bar.update(done)
             np.save(os.path.join(tmp, f"{split}_labels.npy"), listing.labels[split])
         train = _map(os.path.join(tmp, "train.u8"), listing.count("train"), store_size)
         mean, std = channel_stats(train)
@@ -283,7 +279,7 @@ def _open(entry: str, manifest: Dict, store_size: int):
     out = {}
     for split, n in manifest["counts"].items():
         path = os.path.join(entry, f"{split}.u8")
-        want = n * 3 * store_size * store_size
+        want = _nbytes(n, store_size)
         have = os.path.getsize(path) if os.path.exists(path) else -1
         if have != want:
             raise CacheError(f"cache file {path} is {'missing' if have < 0 else f'{have} bytes, expected {want}'} "
@@ -312,7 +308,7 @@ def _read_manifest(entry: str) -> Optional[Dict]:
 
 
 def _check_space(cache_dir: str, listing: Listing, store_size: int) -> None:
-    need = listing.count() * 3 * store_size**2
+    need = _nbytes(listing.count(), store_size)
     free = shutil.disk_usage(cache_dir).free
     if need * 1.05 + 2**20 > free:
         raise CacheError(f"the decoded-image cache needs {need / 2**30:.2f} GiB in {cache_dir} but only "
@@ -357,5 +353,7 @@ def open_cached(root: str, listing: Listing, store_size: int, cache_dir: str, mo
             arrays = _open(entry, manifest, store_size)
             say(f"[ssl_sphere] image cache {entry} (memory-mapped; data.cache_dir={cache_dir})")
         finally:
+            # explicit: decode workers forked during the build share this open file, and closing it
+            # here would not release the lock while one of them still lived
             fcntl.flock(lock, fcntl.LOCK_UN)
     return manifest["classes"], arrays, tuple(manifest["mean"]), tuple(manifest["std"])

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -194,8 +194,18 @@ def decode_files(paths: Sequence[str], size: int) -> np.ndarray:
     return out
 
 
-def _decode_job(args: Tuple[Sequence[str], int]) -> np.ndarray:
-    return decode_files(*args)
+def decode_map(fn: Callable, workers: int, died: UserError, *jobs: Sequence) -> Iterator:
+    """``map(fn, *jobs)`` in order, in ``workers`` processes when there is more than one job (else in
+    this one); a worker that dies (killed, often out of memory) raises ``died``. One pool logic for
+    the in-memory decode (decode_images) and the cache build (cache._build)."""
+    if workers <= 1 or len(jobs[0]) <= 1:
+        yield from map(fn, *jobs)
+        return
+    try:
+        with ProcessPoolExecutor(workers) as ex:
+            yield from ex.map(fn, *jobs)
+    except BrokenProcessPool:
+        raise died from None
 
 
 def folder_splits(root: str) -> Dict[str, Path]:
@@ -252,19 +262,12 @@ def decode_images(paths: Sequence[str], size: int, workers: int = 0) -> torch.Te
     decoded chunk is written into the one preallocated result (no concatenation copy)."""
     workers = workers or os.cpu_count() or 1
     chunk = max(1, min(2048, len(paths) // (4 * workers) + 1))
-    jobs = [(paths[i:i + chunk], size) for i in range(0, len(paths), chunk)]
+    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    parallel = workers > 1 and len(jobs) > 1
-    ex = ProcessPoolExecutor(workers) if parallel else None
-    try:
-        for k, part in enumerate(ex.map(_decode_job, jobs) if parallel else map(_decode_job, jobs)):
-            out[k * chunk:k * chunk + len(part)] = torch.from_numpy(part).permute(0, 3, 1, 2)
-    except BrokenProcessPool:
-        raise DataError("a decode worker process died (killed, often out of memory); set data.decode_workers "
-                        "to fewer processes, e.g. 1, and start again") from None
-    finally:
-        if ex is not None:
-            ex.shutdown()
+    died = DataError("a decode worker process died (killed, often out of memory); set data.decode_workers "
+                     "to fewer processes, e.g. 1, and start again")
+    for k, part in enumerate(decode_map(decode_files, workers, died, chunks, [size] * len(chunks))):
+        out[k * chunk:k * chunk + len(part)] = torch.from_numpy(part).permute(0, 3, 1, 2)
     return out
 
 

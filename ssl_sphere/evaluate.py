@@ -182,12 +182,11 @@ def _subset(x: torch.Tensor, y: torch.Tensor, limit: Optional[int], seed: int, f
     return x[idx], y[idx]
 
 
-def _labelled(s: Split, limit: Optional[int], seed: int, flag: str) -> Split:
-    """The labelled samples of a split (label -1 cannot be evaluated), limited to a stratified subset."""
-    keep = s.labels >= 0
-    if not bool(keep.all()):
-        s = Split(s.images[keep], s.labels[keep])
-    return Split(*_subset(s.images, s.labels, limit, seed, flag))
+def _labelled(s: Split, limit: Optional[int], seed: int, flag: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, labels) of the labelled samples of a split (label -1 cannot be evaluated), limited to a
+    stratified subset. Rows, not images: a memory-mapped split is read one batch at a time."""
+    rows = torch.nonzero(s.labels >= 0).squeeze(1)
+    return _subset(rows, s.labels[rows], limit, seed, flag)
 
 
 def features(args: argparse.Namespace, loaded: Loaded) -> Features:
@@ -195,22 +194,23 @@ def features(args: argparse.Namespace, loaded: Loaded) -> Features:
     cfg, dev = loaded.cfg, loaded.device
     t0 = time.perf_counter()
     splits = load_data(cfg.data)
-    bank = _labelled(splits.bank, args.limit_train, args.seed, "--limit-train")
-    test = _labelled(splits.test, args.limit_test, args.seed, "--limit-test")
-    if len(bank) == 0 or len(test) == 0:
-        raise EvalError(f"{splits.name}: no labelled {'train' if len(bank) == 0 else 'test'} images to evaluate")
+    bank_rows, bank_y = _labelled(splits.bank, args.limit_train, args.seed, "--limit-train")
+    test_rows, test_y = _labelled(splits.test, args.limit_test, args.seed, "--limit-test")
+    if len(bank_rows) == 0 or len(test_rows) == 0:
+        raise EvalError(f"{splits.name}: no labelled {'train' if len(bank_rows) == 0 else 'test'} images to "
+                        "evaluate")
     t1 = time.perf_counter()
     mean = torch.tensor(splits.mean, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(splits.std, device=dev).view(1, 3, 1, 1)
     transform = partial(eval_transform, size=cfg.data.image_size, mean=mean, std=std, crop=cfg.data.eval_crop)
     bs = args.batch_size or cfg.eval.batch_size
     method = loaded.model.method
-    f_train = extract_features(method, bank, bs, dev, transform)
-    f_test = extract_features(method, test, bs, dev, transform)
+    f_train = extract_features(method, splits.bank.images, bs, dev, transform, index=bank_rows)
+    f_test = extract_features(method, splits.test.images, bs, dev, transform, index=test_rows)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t2 = time.perf_counter()
-    out = Features(f_train, bank.labels.to(dev), f_test, test.labels.to(dev), splits.num_classes,
+    out = Features(f_train, bank_y.to(dev), f_test, test_y.to(dev), splits.num_classes,
                    cfg.data.dataset, cfg.data.root, t1 - t0, t2 - t1)
     if args.save_features:
         torch.save({"train_features": out.train.cpu(), "train_labels": out.train_labels.cpu(),

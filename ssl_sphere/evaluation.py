@@ -165,7 +165,7 @@ def recall_at_k(features: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     y = labels.to(x.device).long()
     kmax = min(max(ks), n - 1)  # a K past N - 1 sees every other sample: the same as K = N - 1
     step = _auto_chunk(n, chunk_size)
-    # rank (0-based) of the first match among the kmax nearest; kmax if there is none
+    # rank (0-based) of the first match among the kmax nearest; max(ks) if there is none
     first_hit = torch.empty(n, dtype=torch.long, device=x.device)
     buf = torch.empty(min(step, n), n, device=x.device)
     for i in range(0, n, step):
@@ -177,10 +177,8 @@ def recall_at_k(features: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
         match = y[idx] == y[i:i + step, None]
         has = match.any(1)
         first = match.int().argmax(1)
-        first_hit[i:i + step] = torch.where(has, first, torch.full_like(first, kmax))
-    # a hit within the first K; for K past kmax = N - 1 every other sample is looked at, which is
-    # the hit test at kmax (comparing with K itself counted the "no match" marker as a hit)
-    return {f"recall@{k}": _percent(first_hit < min(k, kmax)) for k in ks}
+        first_hit[i:i + step] = first.masked_fill(~has, max(ks))  # no match: a rank no K counts
+    return {f"recall@{k}": _percent(first_hit < k) for k in ks}
 
 
 # ----------------------------------------------------------------------------- alignment / uniformity

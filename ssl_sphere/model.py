@@ -12,7 +12,7 @@ from torch import nn
 
 from . import checkpoint, dist
 from .augment import eval_transform
-from .backbones import build_backbone, split_batchnorm
+from .backbones import SplitBatchNorm, build_backbone, split_batchnorm
 from .config import ConfigError, from_container
 from .evaluation import extract_features
 from .methods import Method, build_method
@@ -195,7 +195,7 @@ def load_pretrained(path: str, part: str = "backbone", device: Union[str, torch.
     else:
         module = model
     for m in module.modules():  # a user's batch need not split into the training run's BN groups
-        if hasattr(m, "num_splits"):
+        if isinstance(m, SplitBatchNorm):
             m.num_splits = 1
     mean, std = normalisation(cfg)
     return Pretrained(module.to(device).eval(), part, int(cfg.data.image_size), mean, std, method.feature_dim,

@@ -31,7 +31,7 @@ def build_optimizer(model: nn.Module, ocfg) -> torch.optim.Optimizer:
     optim.decay_norm_and_bias puts every parameter under weight decay (as the MoCo authors'
     code and lightly's CIFAR-10 benchmark do)."""
     if ocfg.get("decay_norm_and_bias", False):
-        decay, no_decay = [p for p in model.parameters()], []
+        decay, no_decay = list(model.parameters()), []
     else:
         decay, no_decay = get_weight_decay_parameters([model])
     groups = [

@@ -273,8 +273,7 @@ def test_a_decode_worker_killed_is_a_clear_error(folder, tmp_path, monkeypatch):
         __enter__ = lambda self: self  # noqa: E731
         __exit__ = lambda self, *exc: None  # noqa: E731
 
-    monkeypatch.setattr(data, "ProcessPoolExecutor", Broken)
-    monkeypatch.setattr(cache, "ProcessPoolExecutor", Broken)
+    monkeypatch.setattr(data, "ProcessPoolExecutor", Broken)  # data.decode_map: the decode and the cache build
     files = [str(p) for p in sorted(Path(folder).rglob("*.png"))]
     with pytest.raises(data.DataError, match="decode_workers"):
         data.decode_images(files, 16, workers=2)

@@ -14,6 +14,7 @@ from lightly.models.utils import batch_shuffle, batch_unshuffle
 from torch import nn
 
 from .. import dist
+from ..backbones import SplitBatchNorm
 from ..losses import info_nce, info_nce_masked
 from ..queue import NegativeQueue
 from ..sphere import see_expand, see_select
@@ -27,7 +28,7 @@ class MoCo(Method):
         self.encoder = EMAPair(nn.Sequential(backbone, projector))
         self.queue = NegativeQueue(cfg.queue_size, cfg.proj_dim)
         # BN groups of the backbone (split BN), read from its layers: the shuffle pays off only with them
-        self.split_bn = max((getattr(m, "num_splits", 1) for m in backbone.modules()), default=1)
+        self.split_bn = max((m.num_splits for m in backbone.modules() if isinstance(m, SplitBatchNorm)), default=1)
 
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
