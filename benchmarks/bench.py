@@ -6,7 +6,7 @@
         [--compare-lightly] [--threads N] [--json] [--out FILE.json] [section.key=value ...]
 
 ``augment`` times two SimCLR views of one uint8 batch per image size for
-  * ``ssl_sphere``: our :class:`ssl_sphere.augment.Augmenter` (simclr config; blur p 0.5 for sizes > 64 as the recipes),
+  * ``ssl_sphere``: :class:`ssl_sphere.augment.views.Augmenter` (simclr config; blur p 0.5 above 64 px),
   * ``kornia_stock``: an equivalent stock ``kornia.augmentation.AugmentationSequential`` on the same device,
   * ``torchvision_cpu``: lightly's ``SimCLRTransform`` applied per PIL image on the CPU in ONE process with one
     torch thread -- what one DataLoader worker does (n workers give at most n times this).
@@ -45,14 +45,18 @@ import numpy as np
 import torch
 from reference_pipelines import LightlyStep, kornia_stock, lightly_view_transform, to_pil
 
-from ssl_sphere.augment import Augmenter, blur_kernel_size
-from ssl_sphere.backbones import build_backbone
-from ssl_sphere.data import IMAGE_EXTENSIONS, decode_images, epoch_batches, load_imagefolder, steps_per_epoch
-from ssl_sphere.model import build_model, refresh_vmf
-from ssl_sphere.optim import build_optimizer
-from ssl_sphere.pretrain import build_config
-from ssl_sphere.run import resolve_device
-from ssl_sphere.train import TrainStep, bf16_enabled, place_images
+from ssl_sphere.augment.ops import blur_kernel_size
+from ssl_sphere.augment.views import Augmenter
+from ssl_sphere.cli.pretrain import build_config
+from ssl_sphere.data.batches import step_batches, steps_per_epoch
+from ssl_sphere.data.datasets import load_imagefolder
+from ssl_sphere.data.decode import decode_images
+from ssl_sphere.data.listing import IMAGE_EXTENSIONS
+from ssl_sphere.engine.device import bf16_enabled, cpu_name, resolve_device
+from ssl_sphere.engine.optim import build_optimizer
+from ssl_sphere.engine.step import TrainStep, place_images
+from ssl_sphere.models.backbones import build_backbone
+from ssl_sphere.models.ssl_model import build_model, refresh_vmf
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -73,16 +77,7 @@ def versions() -> Dict[str, str]:
 
 
 def machine() -> Dict[str, object]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: Dict[str, object] = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info: Dict[str, object] = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -153,7 +148,7 @@ def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def sample_images(n: int, size: int, data: str, root: Path) -> Tuple[torch.Tensor, str]:
     """(n, 3, size, size) uint8 images: decoded from the CIFAR-10 folder (resize short side + centre crop,
-    as ssl_sphere.data does; CIFAR's 32 px images are upsampled for larger sizes), or random pixels."""
+    as ssl_sphere.data.datasets does; CIFAR's 32 px images are upsampled for larger sizes), or random pixels."""
     if data == "auto" and (root / "train").is_dir():
         paths = folder_paths(root, n)
         imgs = decode_images(paths, size, workers=min(2, os.cpu_count() or 1))
@@ -297,8 +292,9 @@ def step_config(args):
 
 
 class PipelineStep:
-    """The training loop's own step (``train.TrainStep``) on the loop's objects (build_model,
-    build_optimizer, place_images, Augmenter), fed with the loop's batch order."""
+    """The training loop's own step (``engine.step.TrainStep``) on the loop's objects (build_model,
+    build_optimizer, place_images, Augmenter), fed by the loop's data path (``TrainStep.batches``: the
+    dataset on the device, or batches prefetched one step ahead) in the loop's batch order."""
 
     def __init__(self, cfg, images: torch.Tensor, mean, std, device: torch.device, total: int):
         self.cfg, self.device = cfg, device
@@ -313,21 +309,11 @@ class PipelineStep:
         warmup = int(round(cfg.optim.warmup_epochs * self.spe))
         self.step = TrainStep(self.model, self.model.method, self.optimizer, self.aug, placed, on_device, cfg,
                               total, warmup, device)
-        self.step_i = 0
-        self._epoch_batches = epoch_batches
-        self._batches = iter(())
+        self.stream = self.step.batches(step_batches(self.n, cfg.optim.batch_size, cfg.run.seed, 0, 10**9))
         self.phases: Optional[Dict[str, List[float]]] = None
         if getattr(self.model, "vmf", None) is not None:  # per-epoch refresh, outside the timed steps as in train.py
             refresh_vmf(self.model, images, self.aug.eval_transform, cfg, device, seed=cfg.run.seed)
         self.model.train()
-
-    def next_indices(self) -> torch.Tensor:
-        idx = next(self._batches, None)
-        if idx is None:
-            epoch = self.step_i // self.spe
-            self._batches = self._epoch_batches(self.n, self.cfg.optim.batch_size, self.cfg.run.seed, epoch)
-            idx = next(self._batches)
-        return idx
 
     def _mark(self, name: str) -> None:
         """--profile: wall time of each phase of the step (device synchronised)."""
@@ -340,13 +326,13 @@ class PipelineStep:
         if self.phases is not None:
             sync(self.device)
             self._t = time.perf_counter()
-        self.last_loss = self.step(self.step_i, self.next_indices(), self._mark if self.phases is not None else None)[0]
-        self.step_i += 1
+        step, idx, x = next(self.stream)
+        self.last_loss = self.step(step, idx, x, self._mark if self.phases is not None else None)[0]
 
-    def views(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One pair of views of a batch, as the step makes them."""
-        idx = self.next_indices()
-        return self.step.views(self.step.batch(idx, idx.to(self.device)))
+    def views(self) -> List[torch.Tensor]:
+        """The views of the next batch, as the step makes them."""
+        step, idx, x = next(self.stream)
+        return self.step.views(self.step.batch(idx.to(self.device), x))
 
 
 class BackboneStep:

@@ -123,13 +123,14 @@ def throughput(backbone: str, batch: int, steps: int) -> dict:
     CIFAR-10 cache and from the same images as an in-memory tensor, interleaved in blocks."""
     import torch
 
-    from ssl_sphere.augment import Augmenter
-    from ssl_sphere.data import load_data, step_batches
-    from ssl_sphere.loader import Prefetcher
-    from ssl_sphere.model import build_model
-    from ssl_sphere.optim import build_optimizer
-    from ssl_sphere.pretrain import build_config
-    from ssl_sphere.train import TrainStep
+    from ssl_sphere.augment.views import Augmenter
+    from ssl_sphere.cli.pretrain import build_config
+    from ssl_sphere.data.batches import step_batches
+    from ssl_sphere.data.datasets import load_data
+    from ssl_sphere.data.loader import Prefetcher
+    from ssl_sphere.engine.optim import build_optimizer
+    from ssl_sphere.engine.step import TrainStep
+    from ssl_sphere.models.ssl_model import build_model
 
     cfg = build_config(["--dataset", "imagefolder", "--data-root", str(CIFAR), "--backbone", backbone,
                         "--batch-size", str(batch), "eval.every_epochs=0"])
@@ -158,7 +159,7 @@ def throughput(backbone: str, batch: int, steps: int) -> dict:
 
 
 def table(rec: dict) -> str:
-    """The README block of a record."""
+    """The docs block of a record (docs/benchmarks/data-scale.md)."""
     lines = []
     s = rec.get("startup_tiny_1_step")
     if s:
@@ -217,9 +218,10 @@ def main(argv=None) -> int:
     p.add_argument("--big-size", type=int, default=96)
     p.add_argument("--baseline", help="git revision of the code before the cache, for the 'today' figures")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: startup,rss,anon,ranks,throughput")
-    p.add_argument("--table-only", metavar="RECORD.json", help="print the README block of a record")
-    p.add_argument("--write", metavar="README.md",
-                   help="with --table-only: write it between the <!-- data-scale --> markers")
+    p.add_argument("--table-only", metavar="RECORD.json", help="print the tables of a record")
+    p.add_argument("--write", metavar="FILE.md",
+                   help="with --table-only: write them between the <!-- data-scale:start/end --> markers of "
+                        "this file (the committed tables: docs/benchmarks/data-scale.md)")
     args = p.parse_args(argv)
     if args.table_only:
         text = table(json.loads(Path(args.table_only).read_text()))
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
             print("[data_scale] startup", json.dumps(r["summary"]), flush=True)
         if "rss" not in skip:
             # the floor: a process that only imports the training code (torch, torchvision, lightly, kornia)
-            floor = measure([sys.executable, "-c", "import ssl_sphere.train"], env)
+            floor = measure([sys.executable, "-c", "import ssl_sphere.engine.train"], env)
             r = {"import_floor": floor}
             for name, cmd in (("tiny_1_step", one_step), ("resnet18_1_step", [*folder, "--max-steps", "1",
                                                                               "eval.every_epochs=0"])):

@@ -44,7 +44,7 @@ def pretrain(out: Path, *extra: str) -> subprocess.Popen:
 
 def load_all(run_dir: Path) -> list:
     """Problems with the checkpoints of a run directory (each must load with weights_only=True)."""
-    from ssl_sphere import checkpoint
+    from ssl_sphere.core import checkpoint
 
     bad = []
     for p in sorted(run_dir.glob("*.pt")):
@@ -59,7 +59,7 @@ def load_all(run_dir: Path) -> list:
 
 def final_checks(run_dir: Path, ref: Path) -> list:
     """Problems with a finished run: weights vs the uninterrupted run, metrics rows, temp files."""
-    from ssl_sphere import checkpoint
+    from ssl_sphere.core import checkpoint
 
     problems = load_all(run_dir)
     a, b = checkpoint.load(str(run_dir / "last.pt")), checkpoint.load(str(ref / "last.pt"))
@@ -90,7 +90,7 @@ def run_dirs(out: Path) -> list:
 def kill_trial(out: Path, ref: Path, during_write: bool, rng: random.Random, kills: int) -> dict:
     """``kills`` kill -9 of one run (at a random moment, or as soon as a checkpoint temp file
     appears), checks after each, then resumes until the run finishes."""
-    from ssl_sphere import checkpoint
+    from ssl_sphere.core import checkpoint
 
     events, problems = [], []
     def temps():
@@ -160,7 +160,7 @@ def signal_trial(out: Path, ref: Path, sig: int, code: int) -> dict:
 def full_disk_trial(work: Path, ref: Path) -> dict:
     """A tmpfs with room for about one checkpoint: the second save fails with a clear line, the
     first stays intact and resumes (copied to a roomy disk) to the uninterrupted run's weights."""
-    from ssl_sphere import checkpoint
+    from ssl_sphere.core import checkpoint
 
     mnt = work / "tmpfs"
     mnt.mkdir()

@@ -2,7 +2,7 @@
 # The GPU numbers (ResNet-18 small stem, CIFAR-10, batch 512, bf16 autocast + channels_last, without and with
 # torch.compile). Writes benchmarks/results/gpu_*.json and gpu_epoch.txt;
 # `python benchmarks/make_table.py --prefix gpu_ --write` renders the JSON records into
-# README.md / benchmarks/README.md (between the performance-table-gpu markers).
+# docs/benchmarks/performance.md (between the performance-table-gpu markers).
 #
 #   bash benchmarks/gpu.sh [CIFAR_IMAGE_FOLDER]     # default ../shared/data/cifar10
 #

@@ -3,7 +3,7 @@
 # CUDA-marked tests, benchmarks/gpu.sh, then hypersphere-study cells (GPU budget) until the time is up.
 #
 # Run on the device machine from the repo root, with the packed CIFAR-10 folder and the wheels the
-# image lacks carried along (see benchmarks/README.md "GPU sessions"):
+# image lacks carried along (see docs/benchmarks/performance.md, "GPU sessions"):
 #
 #   python benchmarks/pack_folder.py pack ../shared/data/cifar10 .gpu/cifar10.pack     # here, once
 #   bash benchmarks/gpu_session.sh [SECONDS]                                            # there; default 540
@@ -40,7 +40,7 @@ mkdir -p /tmp/bin && ln -sf "$(command -v python3)" /tmp/bin/python && export PA
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 - <<'EOF' || exit 3
 import sys, torch, torchvision, kornia, lightly, omegaconf, sklearn, tensorboard
-import ssl_sphere.train; sys.path.insert(0, "benchmarks"); import bench
+import ssl_sphere.engine.train; sys.path.insert(0, "benchmarks"); import bench
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| torchvision", torchvision.__version__,
       "| kornia", kornia.__version__, "| lightly", lightly.__version__, "| cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
@@ -58,5 +58,5 @@ phase study 120 python3 eval/sphere_study.py --budget gpu --cells 8 --device cud
   --out benchmarks/results/sphere_study_gpu.json --runs-dir /tmp/study_runs
 
 tar czf "$OUTDIR/results.tgz" benchmarks/results/gpu_* $(ls benchmarks/results/sphere_study_gpu.json 2>/dev/null) \
-  README.md benchmarks/README.md
+  docs/benchmarks/performance.md
 echo "## done: $(( $(date +%s) - START ))s"

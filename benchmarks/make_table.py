@@ -1,11 +1,15 @@
-"""Render the Performance tables of benchmarks/README.md from the JSON records in benchmarks/results/.
+"""Render the benchmark tables from the JSON records in benchmarks/results/ into the docs.
 
-    python benchmarks/make_table.py            # print the markdown
-    python benchmarks/make_table.py --write    # replace the block between the markers in benchmarks/README.md
-                                               # and in the top-level README.md ("Performance")
+    python benchmarks/make_table.py                       # print the markdown of the cpu_ performance tables
+    python benchmarks/make_table.py --write               # replace the block between the markers in
+                                                          # docs/benchmarks/performance.md
+    python benchmarks/make_table.py --prefix gpu_ --write # the same for the gpu_ records
+    python benchmarks/make_table.py --default-run --write # the default run at five seeds
+                                                          # (results/default_run_seeds.json) into README.md
+                                                          # and docs/getting-started.md
 
-Every number in the tables comes from a record written by ``python benchmarks/bench.py ... --out FILE``;
-none is typed by hand.
+Every number in the tables comes from a record written by ``python benchmarks/bench.py ... --out FILE``
+(or ``benchmarks/default_run_seeds.py``); none is typed by hand.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TARGETS = (HERE / "README.md", HERE.parent / "README.md")
+DOCS = HERE.parent / "docs"
+TARGETS = (DOCS / "benchmarks" / "performance.md",)  # the performance tables (cpu_ / gpu_ records)
+DEFAULT_RUN = "default_run_seeds.json"
+DEFAULT_RUN_TARGETS = (HERE.parent / "README.md", DOCS / "getting-started.md")
+DEFAULT_RUN_MARKERS = ("<!-- default-run:start -->", "<!-- default-run:end -->")
 
 
 def markers(prefix: str):
@@ -149,29 +157,64 @@ def render(prefix: str = "cpu_") -> str:
     return "\n".join(parts)
 
 
+def default_run_table(rec) -> str:
+    """The default run at several seeds: kNN top-1 at step 0 and at the end, the gain, the wall time."""
+    rows = ["| seed | kNN top-1 at step 0 (%) | at the end (%) | gain (points) | wall s |",
+            "| --- | --- | --- | --- | --- |"]
+    for r in rec["runs"]:
+        rows.append(f"| {r['seed']} | {r['start_knn_top1']:.2f} | {r['knn_top1']:.2f} | {r['gain']:+.2f} | "
+                    f"{r['wall_s']:.1f} |")
+    m = rec["machine"]
+    seeds = ", ".join(str(r["seed"]) for r in rec["runs"])
+    return "\n".join(rows + [
+        "",
+        f"Gain over seeds {seeds}: min {rec['min_gain']:+.2f}, median {rec['median_gain']:+.2f} points. "
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}; load average (1 min) "
+        f"{load_str(rec)}; recorded {rec['recorded']} by `{rec['command']}` "
+        f"(`benchmarks/results/{DEFAULT_RUN}`), each run `{rec['run_command']}`."])
+
+
+def render_default_run() -> str:
+    path = RESULTS / DEFAULT_RUN
+    if not path.is_file():
+        return f"(no record benchmarks/results/{DEFAULT_RUN} yet: run `python benchmarks/default_run_seeds.py`)"
+    return default_run_table(json.loads(path.read_text()))
+
+
+def write_between(targets, start: str, end: str, text: str) -> int:
+    """Replace the block between ``start`` and ``end`` in every target that has both markers; returns
+    how many targets were written (the other benchmark scripts share this helper)."""
+    written = 0
+    for target in targets:
+        doc = Path(target).read_text()
+        if start not in doc or end not in doc:
+            continue
+        head, rest = doc.split(start, 1)
+        _, tail = rest.split(end, 1)
+        Path(target).write_text(f"{head}{start}\n{text}\n{end}{tail}")
+        print(f"updated {target}")
+        written += 1
+    return written
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--write", action="store_true",
-                   help="replace the block between the markers in " + " and ".join(str(t) for t in TARGETS))
+                   help="replace the block between the markers in " + ", ".join(str(t) for t in TARGETS)
+                   + " (with --default-run: in " + ", ".join(str(t) for t in DEFAULT_RUN_TARGETS) + ")")
     p.add_argument("--prefix", default="cpu_", help="record file prefix (default cpu_)")
+    p.add_argument("--default-run", action="store_true",
+                   help=f"render results/{DEFAULT_RUN} (the default run at five seeds) instead")
     args = p.parse_args(argv)
-    table = render(args.prefix)
+    if args.default_run:
+        table, (start, end), targets = render_default_run(), DEFAULT_RUN_MARKERS, DEFAULT_RUN_TARGETS
+    else:
+        table, (start, end), targets = render(args.prefix), markers(args.prefix), TARGETS
     if not args.write:
         print(table)
         return 0
-    start, end = markers(args.prefix)
-    written = 0
-    for target in TARGETS:
-        text = target.read_text()
-        if start not in text or end not in text:
-            continue
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        target.write_text(f"{head}{start}\n{table}\n{end}{tail}")
-        print(f"updated {target}")
-        written += 1
-    if not written:
-        print(f"markers {start} / {end} found in none of " + ", ".join(str(t) for t in TARGETS), file=sys.stderr)
+    if not write_between(targets, start, end, table):
+        print(f"markers {start} / {end} found in none of " + ", ".join(str(t) for t in targets), file=sys.stderr)
         return 1
     return 0
 

@@ -2,6 +2,8 @@
 
     python benchmarks/quality_vs_lightly.py --steps 40 --batch 64 --out benchmarks/results/quality_vs_lightly_cpu.json
     python benchmarks/quality_vs_lightly.py --device cuda --steps 3900 --batch 256 --out ...gpu.json   # a real budget
+    python benchmarks/quality_vs_lightly.py --table-only benchmarks/results/quality_vs_lightly_cpu.json \
+        --write README.md docs/benchmarks/quality.md          # re-render a record's table where it is cited
 
 Both libraries get the same data (a stratified 10,000-image subset of the CIFAR-10 folder,
 decoded once by ssl_sphere's cache and handed to lightly as the same pixels), the same
@@ -32,14 +34,18 @@ import time
 from pathlib import Path
 
 import torch
+from make_table import write_between
 from reference_pipelines import LightlyStep
 
-from ssl_sphere.augment import Augmenter
-from ssl_sphere.data import load_data
-from ssl_sphere.evaluation import extract_features, knn_accuracy, stratified_subset
-from ssl_sphere.optim import lr_at
-from ssl_sphere.pretrain import build_config
-from ssl_sphere.train import train
+from ssl_sphere.augment.views import Augmenter
+from ssl_sphere.cli.pretrain import build_config
+from ssl_sphere.config import for_method
+from ssl_sphere.core.schedules import lr_at
+from ssl_sphere.data.datasets import load_data
+from ssl_sphere.data.splits import stratified_subset
+from ssl_sphere.engine.train import train
+from ssl_sphere.evaluation.features import extract_features
+from ssl_sphere.evaluation.protocols import knn_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = Path(os.environ.get("SSL_SPHERE_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
@@ -48,14 +54,14 @@ CIFAR = Path(os.environ.get("SSL_SPHERE_CIFAR10", REPO.parent / "shared" / "data
 def config(method: str, args, seed: int, out: Path):
     """One config for both libraries: the budget as epochs of the subset, max_steps = --steps."""
     per_epoch = args.train_size // args.batch
-    return build_config([
+    return build_config(for_method([
         "--method", method, "--dataset", "imagefolder", "--data-root", str(args.data_root), "--backbone", "resnet18",
         "--batch-size", str(args.batch), "--epochs", str(math.ceil(args.steps / per_epoch)), "--max-steps",
         str(args.steps), "--seed", str(seed), "--device", args.device, "--output-dir", str(out),
         "--run-name", f"{method}_s{seed}", f"data.train_limit={args.train_size}", "optim.warmup_epochs=0",
         "optim.weight_decay=5e-4", "optim.decay_norm_and_bias=true", "method.queue_size=4096",
         "method.momentum=0.99", "method.momentum_final=1.0", "eval.every_epochs=0", "run.progress=false",
-        "run.ckpt_every_minutes=0"])
+        "run.ckpt_every_minutes=0"], method))
 
 
 def knn(module, splits, test_idx, device, aug) -> float:
@@ -94,7 +100,20 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="lightly's DataLoader workers")
     p.add_argument("--out", help="JSON record (rows are appended as runs finish)")
     p.add_argument("--work", default="/tmp/ssl_sphere_quality")
+    p.add_argument("--table-only", metavar="RECORD.json", help="print the table block of a record, run nothing")
+    p.add_argument("--write", nargs="+", metavar="FILE.md",
+                   help="with --table-only: also replace the block between <!-- TAG:start/end --> (TAG: the "
+                        "record's file name without .json, '_' as '-', e.g. quality-vs-lightly-cpu) in each of "
+                        "these files that has the markers")
     args = p.parse_args(argv)
+    if args.table_only:
+        text = block(args.table_only)
+        print(text)
+        if args.write:
+            start, end = block_markers(args.table_only)
+            if not write_between(args.write, start, end, text):
+                raise SystemExit(f"markers {start} / {end} found in none of {', '.join(args.write)}")
+        return 0
     device = torch.device(args.device)
     out = Path(args.work)
     cmd = "python benchmarks/quality_vs_lightly.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -122,7 +141,7 @@ def main(argv=None) -> int:
     for library in ("ssl_sphere", "lightly"):
         if (library, "random_init", 0) not in done:
             torch.manual_seed(0)
-            from ssl_sphere.backbones import build_backbone
+            from ssl_sphere.models.backbones import build_backbone
 
             net = build_backbone("resnet18", True)[0].to(device)
             save({"library": library, "method": "random_init", "seed": 0, "knn_top1": knn(net, splits, test_idx,
@@ -136,7 +155,7 @@ def main(argv=None) -> int:
                 t0 = time.time()
                 if library == "ssl_sphere":
                     s = train(cfg, splits)
-                    from ssl_sphere.model import load_pretrained
+                    from ssl_sphere.models.pretrained import load_pretrained
 
                     net = load_pretrained(str(Path(s["run_dir"]) / "last.pt"), device=device).module
                 else:
@@ -145,6 +164,19 @@ def main(argv=None) -> int:
                       "knn_top1": knn(net, splits, test_idx, device, aug), "seconds": round(time.time() - t0)})
     print(table(rec["rows"]))
     return 0
+
+
+def block_markers(record: str) -> tuple:
+    tag = Path(record).stem.replace("_", "-")
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
+
+def block(record: str) -> str:
+    """A record's table (kNN top-1 %, mean ± std over seeds) and the commands that wrote it."""
+    rec = json.loads(Path(record).read_text())
+    cmds = rec["command"] if isinstance(rec["command"], list) else [rec["command"]]
+    return "\n".join([table(rec["rows"]), "", f"kNN top-1 %, mean ± std (n seeds); record "
+                       f"`benchmarks/results/{Path(record).name}`, written by:", "", *(f"    {c}" for c in cmds)])
 
 
 def table(rows) -> str:

@@ -8,8 +8,8 @@ import copy
 import torch
 from torch import nn
 
-from ssl_sphere.augment import blur_kernel_size
-from ssl_sphere.backbones import build_backbone
+from ssl_sphere.augment.ops import blur_kernel_size
+from ssl_sphere.models.backbones import build_backbone
 
 
 def to_pil(images: torch.Tensor) -> list:
@@ -94,8 +94,8 @@ class LightlyStep:
         params = list(self.online.parameters()) + (list(self.predictor.parameters()) if self.predictor else [])
         self.optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                          weight_decay=cfg.optim.weight_decay)
-        self.m0, self.m1 = m.momentum, m.momentum_final
-        self.symmetric = m.symmetric
+        self.m0, self.m1 = m.get("momentum"), m.get("momentum_final")  # momentum methods only
+        self.symmetric = m.get("symmetric", True)
         self.total = 1000
         self.step_i = 0
 

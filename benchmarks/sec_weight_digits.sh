@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SEC weight (eta) sweep behind the default sec.weight: MoCo v2 on the embedded digits
 # default run (tiny convnet, 15 epochs, batch 64), final kNN top-1 per (eta, seed).
-# eta is relative to the per-direction mean method loss (README "SEC weight"), the convention
+# eta is relative to the per-direction mean method loss (docs/guide/hypersphere.md, SEC), the convention
 # since the SEC-strength fix (issue 11); for MoCo's symmetric loss the SEC term is 2 x eta x L_sec.
 # Usage: bash benchmarks/sec_weight_digits.sh [OUT_DIR]   (about 15 min on 2 CPU cores)
 set -euo pipefail

@@ -5,7 +5,7 @@
 
 import sys
 
-from ssl_sphere.knn import main
+from ssl_sphere.cli.knn import main
 
 if __name__ == "__main__":
     sys.exit(main())

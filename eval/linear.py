@@ -5,7 +5,7 @@
 
 import sys
 
-from ssl_sphere.linear import main
+from ssl_sphere.cli.linear import main
 
 if __name__ == "__main__":
     sys.exit(main())

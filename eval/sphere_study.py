@@ -5,6 +5,9 @@
 
     python eval/sphere_study.py --budget gpu --cells 2 --out benchmarks/results/sphere_study_gpu.json
 
+    python eval/sphere_study.py --out benchmarks/results/sphere_study_cpu.json --table-only \
+        --write docs/benchmarks/hypersphere.md      # re-render the committed tables of the docs
+
 The default budget is CPU-affordable (tiny convnet, 10k-image stratified CIFAR-10
 subset, 2 epochs of batch 128 = 156 steps per run); ``--budget gpu`` is the longer
 one (ResNet-18, full CIFAR-10 folder, 20 epochs of batch 512 = 1,940 steps, bf16 +
@@ -97,9 +100,10 @@ def main(argv=None) -> int:
     p.add_argument("--cells", type=int, default=None, metavar="N",
                    help="run only the next N cells (seed, method, variant) not yet in --out (default: all)")
     p.add_argument("--table-only", action="store_true", help="print the table of an existing results file")
-    p.add_argument("--write", metavar="README.md",
+    p.add_argument("--write", metavar="FILE.md",
                    help="with --table-only: also replace each budget's table between the markers "
-                        "<!-- sphere-study-BUDGET:start/end --> in this file")
+                        "<!-- sphere-study-BUDGET:start/end --> in this file (the committed tables: "
+                        "docs/benchmarks/hypersphere.md)")
     args = p.parse_args(argv)
     if args.cells is not None and args.cells < 0:
         p.error("--cells must be >= 0")
@@ -116,17 +120,18 @@ def main(argv=None) -> int:
     print(f"[study] budget {args.budget}: {len(cells)} cell(s) to run: "
           + ", ".join(f"{m} {v} s{s}" for s, m, v in cells), flush=True)
 
-    from ssl_sphere.data import load_data
-    from ssl_sphere.pretrain import build_config
-    from ssl_sphere.train import train
+    from ssl_sphere.cli.pretrain import build_config
+    from ssl_sphere.config import for_method
+    from ssl_sphere.data.datasets import load_data
+    from ssl_sphere.engine.train import train
 
     common = ["--dataset", "imagefolder", "--data-root", args.data_root, "--device", args.device,
-              "run.progress=false", *BUDGETS[args.budget]]
+              "run.progress=false"]
     splits = None
     for seed, m, v in cells:
         name = f"{args.budget}_{m}_{v.strip('+').lower()}_s{seed}"
         argv_run = ["--method", m, *VARIANTS[v], "--seed", str(seed), "--output-dir", args.runs_dir,
-                    "--run-name", name, *common]
+                    "--run-name", name, *common, *for_method(BUDGETS[args.budget], m)]
         cfg = build_config(argv_run)
         if splits is None:
             splits = load_data(cfg.data)  # decoded once for the whole study

@@ -1,14 +1,17 @@
-"""ssl_sphere: self-supervised contrastive pretraining on the hypersphere (SimCLR, MoCo v2, BYOL + SEC/SEE/vMF).
+"""ssl_sphere: self-supervised contrastive pretraining on the hypersphere (SEC / SEE / vMF on every method).
 
 Library entry points: ``load_pretrained`` (a checkpoint's backbone and its input normalisation),
-``train`` (a resolved config -> a run), ``build_config`` (command-line style arguments -> config).
-They are imported on first use, so ``import ssl_sphere`` (and every CLI's ``--help``) stays light."""
+``build_config`` (command-line style arguments -> resolved config), ``train`` (a resolved config -> a
+run), ``build_model`` (the model of a resolved config). They are imported on first use, so
+``import ssl_sphere`` (and every CLI's ``--help``) stays light. The package, by layer (imports run
+downward only): cli > engine > models > methods > evaluation, sphere, augment, data > config > core."""
 
 from importlib import import_module
 
 __version__ = "0.1.0"
 
-_LAZY = {"Pretrained": "model", "load_pretrained": "model", "build_config": "pretrain", "train": "train"}
+_LAZY = {"Pretrained": "models.pretrained", "load_pretrained": "models.pretrained", "build_config": "cli.pretrain",
+         "train": "engine.train", "build_model": "models.ssl_model"}
 __all__ = [*_LAZY, "__version__"]
 
 

@@ -1,16 +1,21 @@
-"""Typed configuration: every default lives here, with the one layering rule and the validation.
+"""Typed configuration: the schema (dataclass defaults), the one layering rule, and resolution.
 
 The dataclass defaults are the embedded quick run (MoCo v2 on scikit-learn's
-digits with a tiny convnet, a few minutes on a laptop CPU); the research
+digits with a tiny convnet, a couple of minutes on a laptop CPU); the research
 recipes for real datasets (ResNet-18, 200 epochs, batch 512, ...) are the YAML
-files in configs/.
+files in configs/. The ``method`` section is the dataclass of the method named
+``method.name``, which its own module defines and registers (ssl_sphere.methods):
+this module names no method.
 
 Precedence (lowest to highest): dataclass defaults < YAML file (--config) <
-CLI flags < trailing ``key=value`` overrides.  ``None`` / ``"auto"`` values are
-filled by :func:`resolve` from the dataset and method (e.g. the temperature of
-the chosen method), so the ``config.yaml`` saved with every run holds only
-concrete values.  Unknown keys, wrong types and impossible values raise
-:class:`ConfigError` naming the key and, where there is one, the valid choices.
+CLI flags < trailing ``key=value`` overrides: :func:`layered` gives the run's
+*request*. ``None`` / ``"auto"`` values in it are derived by :func:`resolve`:
+from the dataset and the method, and from the machine it is handed (number of
+processes, CUDA). A resolved config keeps its request (``request``) and how each
+derived value was obtained (``derived``), so a resume on another machine derives
+those again instead of keeping the first machine's. Unknown keys, wrong types and
+impossible values raise :class:`ConfigError` naming the key and, where there is
+one, the valid choices.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .errors import UserError
+from .core import registry
+from .core.errors import UserError
 
-METHOD_CHOICES = ("simclr", "moco", "byol")
 DATASET_CHOICES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
 BACKBONE_CHOICES = ("auto", "tiny", "resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -39,84 +44,75 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
-    root: Optional[str] = None  # dataset directory (required for imagefolder)
+    """Where the images come from and how they are stored (docs/guide/data.md)."""
+
+    dataset: str = "digits"  # digits (embedded, no download) | cifar10 | cifar100 | stl10 | imagefolder
+    root: Optional[str] = None  # dataset directory (required for imagefolder: ROOT/train|test/<class>/*)
     download: bool = False  # torchvision datasets only; needs internet
-    image_size: Optional[int] = None  # None: the dataset's native size (digits: 32)
+    image_size: Optional[int] = None  # training side in px; None: the dataset's native size (digits: 32)
     train_limit: Optional[int] = None  # pretrain on a stratified subset of this many train images (quick studies)
     decode_workers: int = 0  # processes that decode image folders; 0 = all cores
     store_size: Optional[int] = None  # image folders: stored side (short side + centre crop); None: image_size
     eval_crop: float = 1.0  # eval view: centred square of this fraction of the stored side, resized to image_size
     cache: str = "auto"  # image folders: auto (decode once into cache_dir, then memory-map) | off | rebuild
     cache_dir: Optional[str] = None  # None: $SSL_SPHERE_CACHE or ~/.cache/ssl_sphere
-    on_device: str = "auto"  # keep the uint8 dataset on the training device: auto|yes|no
-    mean: Optional[List[float]] = None  # normalisation statistics; None: dataset's
-    std: Optional[List[float]] = None
+    on_device: str = "auto"  # keep the uint8 dataset on the training device: auto (CUDA, < 4 GiB) | yes | no
+    mean: Optional[List[float]] = None  # per-channel normalisation mean in [0, 1]; None: the training images'
+    std: Optional[List[float]] = None  # per-channel normalisation std; None: the training images'
 
 
 @dataclass
 class AugConfig:
-    """View augmentation (SimCLR Sec. 3 / Appendix A; BYOL Table 6).
+    """View augmentation (SimCLR Sec. 3 / Appendix A; BYOL Table 6), on the training device.
 
     Two-element lists are per view (view 1, view 2): BYOL's views are asymmetric.
-    None means the method's default (resolved and saved)."""
+    None means the method's default (derived and saved)."""
 
-    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # 0.08 on ImageNet
-    crop_ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    hflip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
+    crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop area (0.08 on ImageNet)
+    crop_ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # random resized crop aspect ratio range
+    hflip_p: float = 0.5  # horizontal flip probability
+    jitter_p: float = 0.8  # probability of colour jitter (brightness, contrast, saturation, hue in random order)
+    brightness: float = 0.4  # jitter strength: factor drawn from [1 - b, 1 + b]
+    contrast: float = 0.4  # jitter strength: factor drawn from [1 - c, 1 + c]
+    saturation: float = 0.4  # jitter strength: factor drawn from [1 - s, 1 + s]
+    hue: float = 0.1  # jitter strength: hue shift drawn from [-h, h] turns
     hue_mode: str = "exact"  # exact: torchvision's HSV shift | yiq: faster linear approximation (opt-in)
-    grayscale_p: float = 0.2
-    blur_p: Optional[List[float]] = None  # simclr/moco: 0 (small images) or 0.5; byol: [1.0, 0.1]
-    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
-    solarize_p: Optional[List[float]] = None  # simclr/moco: [0, 0]; byol: [0.0, 0.2]
+    grayscale_p: float = 0.2  # probability of converting a view to grey
+    blur_p: Optional[List[float]] = None  # Gaussian blur probability per view; None: the method's
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])  # blur sigma range (kernel ~10% of the side)
+    solarize_p: Optional[List[float]] = None  # solarisation probability per view; None: the method's
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "auto"  # auto: tiny for digits, resnet18 otherwise
+    """The backbone and its layers (docs/guide/methods.md)."""
+
+    backbone: str = "auto"  # auto: tiny for digits, resnet18 otherwise | tiny | resnet18 | resnet34 | resnet50 | ...
     small_images: Optional[bool] = None  # 3x3 stem, no max-pool; None: image_size <= 64
-    channels_last: bool = False
+    channels_last: bool = False  # channels_last memory format (faster convolutions on recent GPUs)
     sync_bn: bool = False  # under DDP: SyncBatchNorm (BN statistics over the global batch)
-    # BN statistics per group of the (local) batch; None: 8 for MoCo in one process (the authors' CIFAR
-    # demo: with the key batch shuffled, a key never shares BN statistics with its query), else 1
+    # BN statistics per group of the (local) batch; None: the method's (MoCo in one process: 8, the
+    # authors' CIFAR demo), else 1
     split_bn: Optional[int] = None
-    compile: bool = False
-
-
-@dataclass
-class MethodConfig:
-    name: str = "moco"
-    temperature: Optional[float] = None  # simclr 0.5, moco 0.1 (CIFAR, symmetric) / 0.2
-    proj_hidden_dim: Optional[int] = None  # simclr/moco 2048, byol 4096
-    proj_dim: Optional[int] = None  # simclr/moco 128, byol 256
-    pred_hidden_dim: int = 4096  # byol predictor
-    momentum: float = 0.99  # EMA start value; cosine schedule to momentum_final
-    momentum_final: float = 1.0
-    queue_size: int = 1024  # moco negatives (CIFAR recipes: 4096; keep it well below 2 x dataset size)
-    symmetric: bool = True  # moco symmetric loss
-    shuffle_bn: bool = True  # moco: shuffle the key batch (across ranks under DDP)
+    compile: bool = False  # torch.compile the backbone
 
 
 @dataclass
 class SecConfig:
-    """Spherical embedding constraint (Zhang et al., NeurIPS 2020)."""
+    """Spherical embedding constraint (Zhang et al., NeurIPS 2020) on the raw embeddings the method
+    normalises (docs/guide/hypersphere.md)."""
 
-    enabled: bool = False
-    weight: float = 0.1  # eta, relative to the per-direction mean method loss; README "SEC weight"
+    enabled: bool = False  # --sec
+    weight: float = 0.1  # eta, relative to the per-direction mean method loss (docs/benchmarks/hypersphere.md)
     ema: float = 1.0  # rho: weight of the current batch in the mean norm; 1.0 = batch mean
     ramp: str = "linear"  # eta ramp over training: linear (authors' SSL code) | none
 
 
 @dataclass
 class SeeConfig:
-    """Spherical embedding expansion (Le, Woo, PAKDD 2024); MoCo and SimCLR only."""
+    """Spherical embedding expansion (Le, Woo, PAKDD 2024), where the method defines it."""
 
-    enabled: bool = False
+    enabled: bool = False  # --see
     n: int = 8  # synthetic points per expanded sample (paper: 8)
     weight: float = 0.2  # lambda (paper: 0.2)
     fraction: float = 0.4  # share of most confident samples expanded, ramped 0 -> fraction (paper: 0.4)
@@ -126,24 +122,26 @@ class SeeConfig:
 class VmfConfig:
     """vMF mixture loss on pseudo-classes (Zhe, Chen, Yan); any method."""
 
-    enabled: bool = False
+    enabled: bool = False  # --vmf
     k: int = 100  # pseudo-classes (spherical k-means clusters)
     kappa: float = 10.0  # shared concentration
-    weight: float = 0.5  # lambda of the auxiliary loss (not tuned; see README study)
+    weight: float = 0.5  # lambda of the auxiliary loss (not tuned; docs/benchmarks/hypersphere.md)
     refresh_epochs: int = 1  # re-estimate means and pseudo-labels every N epochs
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "sgd"
-    epochs: int = 15
+    """Optimiser and schedules: linear warm-up then cosine (schedules are functions of progress)."""
+
+    optimizer: str = "sgd"  # sgd | lars (large batches)
+    epochs: int = 15  # training length; sets the lr / momentum / SEC schedules
     max_steps: Optional[int] = None  # stop after this many optimiser steps (schedule unchanged)
-    batch_size: int = 64
-    lr: Optional[float] = None  # None: base_lr * batch_size / 128
-    base_lr: float = 0.06
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
+    batch_size: int = 64  # per process
+    lr: Optional[float] = None  # peak lr; None: base_lr x global batch / 128 (derived for each machine)
+    base_lr: float = 0.06  # lr per 128 images of the global batch (MoCo CIFAR demo)
+    momentum: float = 0.9  # SGD / LARS momentum
+    weight_decay: float = 5e-4  # on weights (norms and biases: see decay_norm_and_bias)
+    warmup_epochs: float = 1.0  # linear lr warm-up
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
     decay_norm_and_bias: bool = False  # weight decay on norm layers and biases too (the MoCo / lightly CIFAR code)
     lars_eta: float = 0.001  # LARS trust coefficient (You et al. 2017; lightly's LARS default)
@@ -151,23 +149,27 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
+    """The live kNN monitor (docs/guide/evaluation.md)."""
+
     every_epochs: int = 1  # kNN monitor period; 0 disables it (the step-0 baseline too)
-    knn_k: int = 200
-    knn_temperature: float = 0.1
+    knn_k: int = 200  # neighbours that vote
+    knn_temperature: float = 0.1  # vote weight exp(cosine / T)
     # caps on the kNN bank (train split) and queries (test split), stratified subsets; None: 50000 / 10000
     # on CUDA, 5000 / 1000 on a CPU (a ResNet-18 evaluation there then takes about a minute, not a quarter hour)
     bank_size: Optional[int] = None
-    test_size: Optional[int] = None
-    batch_size: int = 512
+    test_size: Optional[int] = None  # see bank_size
+    batch_size: int = 512  # feature extraction batch
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs"
+    """The run: where it writes, how it resumes, seeds, device, logging, checkpoints."""
+
+    output_dir: str = "runs"  # parent of run directories
     run_name: Optional[str] = None  # None: <dataset>_<method>[_sec]_s<seed>
     resume: Optional[str] = None  # checkpoint path or "auto"
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # seeds weights, data order and augmentation (per rank: seed + rank)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
     precision: str = "auto"  # bf16 autocast on CUDA, fp32 on CPU
     log_every: int = 10  # steps between progress/TensorBoard updates (and NaN checks)
     ckpt_every_epochs: int = 0  # keep epoch_XXXX.pt every N epochs (last.pt: every epoch end and below)
@@ -182,48 +184,98 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: Any = None  # the dataclass of the registered method named method.name (see structured())
     sec: SecConfig = field(default_factory=SecConfig)
     see: SeeConfig = field(default_factory=SeeConfig)
     vmf: VmfConfig = field(default_factory=VmfConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # written by ssl_sphere, not settable: what the user asked (the layered config with null / auto
+    # where a value is derived) and, per derived key, how its value was obtained (see resolve())
+    request: Any = None
+    derived: Any = None
 
 
-# Method defaults (DESIGN.md "Method interface"): the CIFAR recipes of the papers.
-_METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    # SimCLR (Chen et al. 2020, Appendix B.9 CIFAR): T=0.5, 2048-128 head
-    "simclr": dict(temperature=0.5, proj_hidden_dim=2048, proj_dim=128),
-    # MoCo v2 CIFAR (moco colab demo: symmetric loss, T=0.1)
-    "moco": dict(temperature=0.1, proj_hidden_dim=2048, proj_dim=128),
-    # BYOL (Grill et al. 2020, Sec. 3.3): 4096-256 projector and predictor
-    "byol": dict(temperature=None, proj_hidden_dim=4096, proj_dim=256),
-}
+SECTIONS = ("data", "aug", "model", "method", "sec", "see", "vmf", "optim", "eval", "run")
+RECORDS = ("request", "derived")  # the parts of a config that ssl_sphere writes
 
 
-def _error_from_omegaconf(exc: OmegaConfBaseException, where: str) -> ConfigError:
+@dataclass(frozen=True)
+class Machine:
+    """What the machine-dependent defaults depend on: the number of processes of the run and whether
+    a CUDA GPU is available (the run's device then follows run.device: auto | cpu | cuda)."""
+
+    world: int = 1
+    cuda: bool = False
+
+    @classmethod
+    def here(cls) -> "Machine":
+        """This process's machine: the process group's size (else torchrun's WORLD_SIZE, else 1) and
+        whether torch sees a CUDA device."""
+        import os
+
+        import torch
+
+        from .core import dist
+
+        world = dist.world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(world=world, cuda=torch.cuda.is_available())
+
+
+def _schema_node(path: str, method: Optional[str]):
+    """The dataclass (or instance) behind a section path such as 'optim' or 'method', for messages."""
+    if path == "method":
+        try:
+            return registry.method_class(method).Config if method else None
+        except KeyError:
+            return None
+    node: Any = Config()
+    for part in path.split(".") if path else []:
+        node = getattr(node, part, None)
+    return node
+
+
+def _error_from_omegaconf(exc: OmegaConfBaseException, where: str, method: Optional[str] = None) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = getattr(exc, "msg", str(exc))
     if isinstance(exc, ConfigKeyError):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        node = Config()
-        for part in parent.split(".") if parent else []:
-            node = getattr(node, part, None)
+        if parent in RECORDS or key in RECORDS:
+            return ConfigError(f"'{key}' ({where}) is written by ssl_sphere (the run's request and how its derived "
+                               "values were obtained), not a setting; drop it")
+        node = _schema_node(parent, method)
         valid = sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []
+        if not parent:
+            valid = [v for v in valid if v not in RECORDS]
         prefix = f"{parent}." if parent else ""
-        return ConfigError(
-            f"unknown config key '{key}' ({where}); valid keys here: "
-            + ", ".join(prefix + v for v in valid)
-        )
+        of = f" of method '{method}'" if parent == "method" and method else ""
+        return ConfigError(f"unknown config key '{key}' ({where}); valid keys here{of}: "
+                           + ", ".join(prefix + v for v in valid))
     if isinstance(exc, ValidationError):
         return ConfigError(f"bad value for config key '{key}' ({where}): {msg}")
     return ConfigError(f"config error at '{key}' ({where}): {msg}")
 
 
-def structured() -> DictConfig:
+def _method_class(name: Any) -> type:
+    try:
+        return registry.method_class(name)
+    except KeyError:
+        names = registry.method_names()
+        hint = ", ".join(names) if names else "none registered (import ssl_sphere.methods first)"
+        raise ConfigError(f"invalid value {name!r} for 'method.name'; valid choices: {hint}") from None
+
+
+def structured(method: Optional[str] = None) -> DictConfig:
+    """The dataclass defaults as a type-checked config; the method section is the dataclass of the
+    method registered as ``method`` (default: the registry's default method)."""
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
+    cfg.method = OmegaConf.structured(_method_class(method or registry.default_method()).Config)
+    for key in RECORDS:  # free-form records, not schema: written by resolve()
+        cfg[key] = {}
+        OmegaConf.set_struct(cfg[key], False)
+    cfg.request = None
     return cfg
 
 
@@ -232,10 +284,12 @@ def merge(cfg: DictConfig, other: Any, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)
     except OmegaConfBaseException as exc:
-        raise _error_from_omegaconf(exc, where) from None
+        raise _error_from_omegaconf(exc, where, cfg.method.name) from None
 
 
 def load_yaml(path: str) -> DictConfig:
+    """A recipe file. A run's own config.yaml is accepted too: its ``request`` is the recipe (so a run
+    started from it derives its values for the machine it runs on)."""
     try:
         data = OmegaConf.load(path)
     except FileNotFoundError:
@@ -246,6 +300,10 @@ def load_yaml(path: str) -> DictConfig:
         data = OmegaConf.create({})
     if not isinstance(data, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data:, method:, ...)")
+    if isinstance(data.get("request"), DictConfig):
+        data = data.request
+        if isinstance(data.get("run"), DictConfig) and "resume" in data.run:
+            data.run.resume = None  # a new run from that request, not a resume of that run
     return data
 
 
@@ -258,17 +316,24 @@ def _nest(flat: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def _method_name(layer: Any) -> Optional[str]:
+    method = layer.get("method") if isinstance(layer, (dict, DictConfig)) else None
+    return method.get("name") if isinstance(method, (dict, DictConfig)) else None
+
+
 def layered(config_file: Optional[str] = None, values: Optional[Dict[str, Any]] = None,
-            overrides: Sequence[str] = (), base: Optional[DictConfig] = None) -> DictConfig:
+            overrides: Sequence[str] = (), base: Any = None) -> DictConfig:
     """The one config-layering rule of every entry point (pretraining, the eval CLIs, the study):
-    ``base`` (default: the dataclass defaults) < the YAML ``config_file`` < ``values`` ({'section.key':
-    value}, e.g. from command-line flags) < ``overrides`` ('section.key=value' strings, values parsed
-    as YAML). Type-checked at every layer; not yet resolved (see :func:`resolve`)."""
-    cfg = base if base is not None else structured()
+    ``base`` (default: the dataclass defaults; a resume passes the checkpoint's request) < the YAML
+    ``config_file`` < ``values`` ({'section.key': value}, e.g. from command-line flags) < ``overrides``
+    ('section.key=value' strings, values parsed as YAML). Type-checked at every layer, the method
+    section against the dataclass of the method the layers name. The result is the run's request:
+    null / auto where a value is derived (see :func:`resolve`)."""
+    layers = []
     if config_file:
-        cfg = merge(cfg, load_yaml(config_file), f"config file {config_file}")
+        layers.append((load_yaml(config_file), f"config file {config_file}"))
     if values:
-        cfg = merge(cfg, _nest(values), "command-line flags")
+        layers.append((_nest(values), "command-line flags"))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
@@ -278,26 +343,24 @@ def layered(config_file: Optional[str] = None, values: Optional[Dict[str, Any]] 
             dotlist = OmegaConf.from_dotlist([item])
         except Exception as exc:
             raise ConfigError(f"cannot parse override '{item}': {exc}") from None
-        cfg = merge(cfg, dotlist, f"override '{item}'")
+        layers.append((dotlist, f"override '{item}'"))
+    for layer, where in layers:
+        for key in RECORDS:
+            if key in layer:
+                raise ConfigError(f"'{key}' ({where}) is written by ssl_sphere (the run's request and how its "
+                                  "derived values were obtained), not a setting; drop it")
+    names = [n for n in [_method_name(base)] + [_method_name(layer) for layer, _ in layers] if n is not None]
+    name = names[-1] if names else None
+    cfg = structured(name)
+    if base is not None:
+        base = OmegaConf.to_container(base) if isinstance(base, DictConfig) else dict(base)
+        base = {k: v for k, v in base.items() if k not in RECORDS}
+        if _method_name(base) != cfg.method.name:  # another method: its section starts from its defaults
+            base.pop("method", None)
+        cfg = merge(cfg, base, "the saved request")
+    for layer, where in layers:
+        cfg = merge(cfg, layer, where)
     return cfg
-
-
-def world_size_from_env() -> int:
-    """Number of processes of this run: the initialised process group's, else torchrun's
-    WORLD_SIZE (1 without torchrun)."""
-    import os
-
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
@@ -310,11 +373,39 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"invalid value for '{key}': {message}")
 
 
-def resolve(cfg: DictConfig) -> DictConfig:
-    """Validate choices/ranges and fill every ``None``/``auto`` default."""
+class Derivation:
+    """Fills the keys of a config that the request leaves to ssl_sphere (null / auto) and records
+    how each was obtained in ``cfg.derived`` ({'section.key': 'why'})."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def unset(self, key: str) -> bool:
+        section, name = key.split(".")
+        return self.cfg[section][name] in (None, "auto")
+
+    def fill(self, key: str, value: Any, why: str) -> None:
+        """Set ``key`` to ``value`` (with the reason) if the request leaves it unset."""
+        if self.unset(key):
+            section, name = key.split(".")
+            self.cfg[section][name] = value
+            self.cfg.derived[key] = why
+
+
+def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
+    """Validate choices / ranges and fill every null / auto value: from the dataset and the method
+    (machine-free), and from ``machine`` (default: this process's, Machine.here()): the learning rate
+    by the global batch, the kNN monitor's caps by CUDA, the method's own machine-dependent choices.
+    The first call keeps what was asked as ``cfg.request``; ``cfg.derived`` says how each filled value
+    was obtained. Idempotent. A resume resolves the checkpoint's request again on its own machine."""
+    machine = machine or Machine.here()
     c = cfg
+    if c.request is None:
+        c.request = {k: v for k, v in OmegaConf.to_container(c).items() if k not in RECORDS}
+        OmegaConf.set_struct(c.request, False)
+    d = Derivation(c)
+    method_cls = _method_class(c.method.name)
     _check_choice("data.dataset", c.data.dataset, DATASET_CHOICES)
-    _check_choice("method.name", c.method.name, METHOD_CHOICES)
     _check_choice("model.backbone", c.model.backbone, BACKBONE_CHOICES)
     _check_choice("run.device", c.run.device, DEVICE_CHOICES)
     _check_choice("run.precision", c.run.precision, PRECISION_CHOICES)
@@ -326,41 +417,36 @@ def resolve(cfg: DictConfig) -> DictConfig:
     _check_choice("data.on_device", c.data.on_device, ("auto", "yes", "no"))
     _check_choice("data.cache", c.data.cache, ("auto", "off", "rebuild"))
 
-    name = c.method.name
-    for k, v in _METHOD_DEFAULTS[name].items():
-        if c.method[k] is None:
-            c.method[k] = v
-    if c.model.backbone == "auto":
-        c.model.backbone = "tiny" if c.data.dataset == "digits" else "resnet18"
+    # from the dataset
+    d.fill("model.backbone", "tiny" if c.data.dataset == "digits" else "resnet18",
+           f"data.dataset={c.data.dataset}: tiny convnet for digits, resnet18 otherwise")
     if c.data.dataset == "imagefolder":
         _check(c.data.root is not None, "data.root",
                "--dataset imagefolder needs --data-root DIR (DIR/train/<class>/*)")
-    if c.data.image_size is None:
+    if d.unset("data.image_size"):
         if c.data.dataset == "imagefolder":
-            from .data import folder_image_size  # reads one image header
+            from .data.listing import folder_image_size  # reads one image header
 
-            c.data.image_size = folder_image_size(c.data.root)
+            d.fill("data.image_size", folder_image_size(c.data.root), "short side of the folder's first image")
         else:
-            c.data.image_size = 96 if c.data.dataset == "stl10" else 32
-    if c.model.small_images is None:
-        c.model.small_images = c.data.image_size <= 64
+            d.fill("data.image_size", 96 if c.data.dataset == "stl10" else 32, f"native size of {c.data.dataset}")
     small = c.data.image_size <= 64
-    if c.aug.blur_p is None:
-        # SimCLR drops blur on CIFAR (Appendix B.9); BYOL keeps its asymmetric pair (Table 6).
-        c.aug.blur_p = [1.0, 0.1] if name == "byol" else ([0.0, 0.0] if small else [0.5, 0.5])
-    if c.aug.solarize_p is None:
-        c.aug.solarize_p = [0.0, 0.2] if name == "byol" else [0.0, 0.0]
-    world = world_size_from_env()
-    on_gpu = c.run.device == "cuda" or (c.run.device == "auto" and _cuda_available())
-    if c.eval.bank_size is None:
-        c.eval.bank_size = 50000 if on_gpu else 5000
-    if c.eval.test_size is None:
-        c.eval.test_size = 10000 if on_gpu else 1000
-    if c.model.split_bn is None:
-        c.model.split_bn = 8 if name == "moco" and world == 1 and not c.model.sync_bn else 1
-    if c.optim.lr is None:
-        # linear scaling on the GLOBAL batch (batch_size is per process)
-        c.optim.lr = c.optim.base_lr * c.optim.batch_size * world / 128
+    d.fill("model.small_images", small, f"data.image_size={c.data.image_size} {'<=' if small else '>'} 64")
+    if c.data.dataset == "imagefolder":
+        d.fill("data.store_size", c.data.image_size, "data.image_size")
+    # from the method (cross-section defaults and its own checks)
+    method_cls.configure(c, d)
+    # from the machine
+    on_gpu = c.run.device == "cuda" or (c.run.device == "auto" and machine.cuda)
+    where = "on CUDA" if on_gpu else "on a CPU"
+    d.fill("eval.bank_size", 50000 if on_gpu else 5000, f"kNN monitor cap {where}")
+    d.fill("eval.test_size", 10000 if on_gpu else 1000, f"kNN monitor cap {where}")
+    method_cls.derive(c, d, machine)
+    d.fill("model.split_bn", 1, "plain BatchNorm")
+    procs = f"{machine.world} process{'es' if machine.world > 1 else ''}"
+    d.fill("optim.lr", c.optim.base_lr * c.optim.batch_size * machine.world / 128,
+           f"linear scaling: base_lr {c.optim.base_lr} x global batch {c.optim.batch_size * machine.world} "
+           f"({c.optim.batch_size} x {procs}) / 128")
 
     # ranges
     for key in ("blur_p", "solarize_p", "crop_scale", "crop_ratio", "blur_sigma"):
@@ -382,14 +468,12 @@ def resolve(cfg: DictConfig) -> DictConfig:
     _check(c.data.decode_workers >= 0, "data.decode_workers", "must be >= 0 (0 = all cores)")
     _check(c.data.store_size is None or c.data.dataset == "imagefolder", "data.store_size",
            "only image folders are stored at a chosen size (the other datasets are arrays of their own size)")
-    if c.data.dataset == "imagefolder" and c.data.store_size is None:
-        c.data.store_size = c.data.image_size
     _check(c.data.store_size is None or c.data.store_size >= 8, "data.store_size", "must be >= 8")
     _check(0 < c.data.eval_crop <= 1, "data.eval_crop", f"a fraction in (0, 1], got {c.data.eval_crop}")
     _check(c.data.train_limit is None or c.data.train_limit >= 1, "data.train_limit", "must be >= 1")
     _check(c.optim.batch_size >= 2, "optim.batch_size", "must be >= 2 (contrastive losses need negatives)")
     _check(c.model.split_bn >= 1, "model.split_bn", "must be >= 1 (1: plain BatchNorm)")
-    _check(not (c.model.sync_bn and c.model.split_bn > 1 and world > 1), "model.split_bn",
+    _check(not (c.model.sync_bn and c.model.split_bn > 1 and machine.world > 1), "model.split_bn",
            "split BN (per-group statistics) and model.sync_bn (global statistics) exclude each other; set "
            "model.split_bn=1 to synchronise BN")
     _check(c.optim.batch_size % c.model.split_bn == 0, "model.split_bn",
@@ -403,24 +487,12 @@ def resolve(cfg: DictConfig) -> DictConfig:
     _check(0 <= c.optim.momentum < 1, "optim.momentum", f"SGD momentum must be in [0, 1), got {c.optim.momentum}")
     _check(0 <= c.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(c.optim.lars_eta > 0, "optim.lars_eta", "must be > 0")
-    _check(c.method.temperature is None or c.method.temperature > 0, "method.temperature", "must be > 0")
-    _check(0.0 <= c.method.momentum <= c.method.momentum_final <= 1.0, "method.momentum",
-           "need 0 <= momentum <= momentum_final <= 1")
-    if name == "moco":
-        per_step = c.optim.batch_size * world * (2 if c.method.symmetric else 1)
-        _check(c.method.queue_size >= per_step, "method.queue_size",
-               f"must hold at least the keys of one step ({per_step} = batch x views x {world} processes); "
-               "raise it or lower the batch")
     _check(0.0 < c.sec.ema <= 1.0, "sec.ema", f"rho must be in (0, 1] (1 = batch mean), got {c.sec.ema}")
     _check(c.sec.weight >= 0, "sec.weight", "must be >= 0")
     if c.see.enabled:
-        _check(name != "byol", "see.enabled",
-               "SEE has no role in BYOL: its synthetic points serve as extra negatives (MoCo) or as anchors of "
-               "an InfoNCE over the batch (SimCLR), and BYOL has neither negatives nor proxies; use --method "
-               "moco or simclr")
+        _check(method_cls.see_unsupported is None, "see.enabled",
+               f"SEE does not apply to {c.method.name}: {method_cls.see_unsupported}")
         _check(c.see.n >= 1, "see.n", "must be >= 1")
-        _check(c.method.proj_dim >= c.see.n + 2, "see.n",
-               f"n={c.see.n} synthetic points need method.proj_dim >= n + 2 = {c.see.n + 2} (got {c.method.proj_dim})")
         _check(0.0 <= c.see.fraction <= 1.0, "see.fraction", "must be in [0, 1]")
         _check(c.see.weight >= 0, "see.weight", "must be >= 0")
     _check(c.vmf.k >= 2, "vmf.k", "needs at least 2 pseudo-classes")
@@ -437,9 +509,41 @@ def resolve(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def request_of(cfg: DictConfig) -> Dict[str, Any]:
+    """What was asked for ``cfg`` (its request; a config from before requests were kept: all of it)."""
+    saved = cfg.get("request")
+    if saved:
+        return OmegaConf.to_container(saved)
+    return {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in RECORDS}
+
+
+def weight_keys(cfg: DictConfig) -> List[str]:
+    """The config keys that shape a run's saved weights (and optimiser state): a resume may not
+    change them. The method's own come from its class (``weight_keys``)."""
+    common = ["method.name", "model.backbone", "model.small_images", "sec.enabled", "vmf.enabled", "vmf.k",
+              "optim.decay_norm_and_bias"]  # the optimiser's parameter groups follow the last one
+    return common + [f"method.{k}" for k in _method_class(cfg.method.name).weight_keys]
+
+
+def for_method(overrides: Sequence[str], method: str) -> List[str]:
+    """'section.key=value' overrides of a sweep over methods, for one method: a ``method.KEY=...``
+    applies only to a method whose section has KEY (MoCo's queue size is no key of SimCLR's, and
+    would be refused as unknown there), every other override to all of them."""
+    keys = {f.name for f in dataclasses.fields(_method_class(method).Config)}
+    return [o for o in overrides if not o.startswith("method.") or o.split("=", 1)[0].split(".", 1)[1] in keys]
+
+
 def to_container(cfg: DictConfig) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # plain dict: safe for torch.load(weights_only)
 
 
 def from_container(data: Dict[str, Any], where: str = "checkpoint") -> DictConfig:
-    return merge(structured(), data, where)
+    """A saved (resolved) config back as a typed config. Configs saved before the method sections
+    were per method (no ``request``) held every method's keys in one section: the keys that the
+    saved method does not have are dropped."""
+    data = dict(data)
+    method = dict(data.get("method") or {})
+    if "request" not in data and "name" in method:
+        fields = {f.name for f in dataclasses.fields(_method_class(method["name"]).Config)}
+        data["method"] = {k: v for k, v in method.items() if k in fields}
+    return merge(structured(_method_name(data)), data, where)

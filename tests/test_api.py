@@ -4,7 +4,6 @@ console scripts, and the fixed-seed default run against its recorded result."""
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -16,17 +15,18 @@ import torchvision
 from torch import nn
 
 import ssl_sphere
-from ssl_sphere.export import main as export_main
-from ssl_sphere.pretrain import build_config
-from ssl_sphere.train import train
+from ssl_sphere.cli.export import main as export_main
+from ssl_sphere.cli.pretrain import build_config
+from ssl_sphere.engine.train import train
+from ssl_sphere.models.ssl_model import SSLModel
 
 from .conftest import REPO
 
-FAST = ["run.progress=false", "eval.every_epochs=0", "method.proj_hidden_dim=64", "method.pred_hidden_dim=64"]
+FAST = ["run.progress=false", "eval.every_epochs=0", "method.proj_hidden_dim=64"]
 
 
 def stock_resnet(arch: str, small_images: bool) -> nn.Module:
-    """What a user without ssl_sphere writes (README "Using a pretrained backbone")."""
+    """What a user without ssl_sphere writes (docs/guide/evaluation.md, "Using a pretrained backbone")."""
     net = torchvision.models.get_model(arch, weights=None)
     if small_images:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -52,7 +52,7 @@ def test_load_pretrained_returns_backbone_in_eval_mode_with_its_input(runs):
     p = ssl_sphere.load_pretrained(str(runs["moco_small"]))
     assert isinstance(p, ssl_sphere.Pretrained) and p.part == "backbone" and not p.module.training
     assert p.image_size == 32 and p.arch == "resnet18" and p.small_images and p.feature_dim == 512 and p.step == 1
-    from ssl_sphere.data import load_digits
+    from ssl_sphere.data.datasets import load_digits
 
     digits = load_digits(32)
     assert p.mean == pytest.approx(digits.mean) and p.std == pytest.approx(digits.std)
@@ -68,7 +68,7 @@ def test_load_pretrained_returns_backbone_in_eval_mode_with_its_input(runs):
     torch.testing.assert_close(momentum.module.conv1.weight, saved["method.encoder.target.0.conv1.weight"],
                                rtol=0, atol=0)
     whole = ssl_sphere.load_pretrained(str(runs["moco_small"]), part="model")
-    assert isinstance(whole.module, ssl_sphere.model.SSLModel)
+    assert isinstance(whole.module, SSLModel)
     # resizes images of another size to the training size
     assert p.preprocess(torch.zeros(2, 3, 48, 40, dtype=torch.uint8)).shape == (2, 3, 32, 32)
 
@@ -137,13 +137,9 @@ GOLDEN = REPO / "tests" / "data" / "default_run.json"
 def machine_key() -> dict:
     """What the default run's floating point depends on: CPU model, the ISA torch dispatches to,
     torch version and intra-op threads (the run's kNN moves by points with any of them)."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+    from ssl_sphere.engine.device import cpu_name
+
+    return {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 
@@ -163,22 +159,3 @@ def test_default_run_final_knn_equals_the_record(tmp_path):
         assert s["knn_top1"] == pytest.approx(same[0]["knn_top1"], abs=1e-9), (key, same[0])
     else:
         assert abs(s["knn_top1"] - record["knn_top1_typical"]) <= record["spread"], (key, s["knn_top1"])
-
-
-def readme_python_blocks(section: str) -> list:
-    """The ```python blocks of one README section."""
-    text = (REPO / "README.md").read_text()
-    body = text.split(section, 1)[1].split("\n### ", 1)[0]
-    return [b.split("```", 1)[0] for b in body.split("```python\n")[1:]]
-
-
-def test_readme_pretrained_examples_run(runs, tmp_path, monkeypatch, capsys):
-    """README "Using a pretrained backbone": both snippets run as written (paths pointed at a test run)."""
-    load_block, torchvision_block = readme_python_blocks("### Using a pretrained backbone")
-    monkeypatch.chdir(tmp_path)
-    exec(load_block.replace("runs/digits_moco_sec_s0/last.pt", str(runs["moco_small"])), {})
-    assert "resnet18 32" in capsys.readouterr().out
-    assert export_main(["--checkpoint", str(runs["moco_small"]), "--out", "backbone.pt"]) == 0
-    scope = {}
-    exec(torchvision_block, scope)
-    assert isinstance(scope["net"], torchvision.models.ResNet)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_sphere import checkpoint
-from ssl_sphere.knn import main as knn_main
-from ssl_sphere.pretrain import main
+from ssl_sphere.cli.knn import main as knn_main
+from ssl_sphere.cli.pretrain import main
+from ssl_sphere.core import checkpoint
 
 from .conftest import REPO, make_image_folder
 
@@ -134,7 +134,7 @@ def test_zero_byte_and_non_image_first_files(capsys, tmp_path):
 def test_16_bit_images_are_scaled_to_8_bit(tmp_path):
     from PIL import Image
 
-    from ssl_sphere.data import load_imagefolder
+    from ssl_sphere.data.datasets import load_imagefolder
 
     root = make_image_folder(tmp_path / "data", n_train=2, n_test=1, hw=(16, 16))
     ramp = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)  # 0 .. 65535
@@ -170,3 +170,55 @@ def test_no_traceback_from_the_real_commands(tmp_path):
         res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO, timeout=120)
         assert res.returncode == 2 and "Traceback" not in res.stderr, (cmd, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1, (cmd, res.stderr)
+
+
+def test_a_background_thread_error_takes_the_one_error_path(capsys):
+    """An exception that ends a background thread (TensorBoard's event writer on a full disk) is not
+    printed as a traceback by the thread: the command reports it as its one line, exit code 2."""
+    import threading
+
+    from ssl_sphere.cli.common import handle_errors
+
+    def command(argv):
+        def writer():
+            raise OSError(errno.ENOSPC, "No space left on device", "/full/events.out")
+
+        t = threading.Thread(target=writer)
+        t.start()
+        t.join()
+        return 0
+
+    assert handle_errors(command) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err
+    assert err.strip().splitlines() == ["error: No space left on device (/full/events.out); free space there or choose "
+                                        "another --output-dir / data.cache_dir (saved checkpoints are intact)"]
+
+
+@pytest.fixture
+def nearly_full_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root to mount; skipped otherwise), unmounted afterwards."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill ({res.stderr.strip() or 'needs root'})")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("pages", [1, 2, 3])
+def test_a_full_output_disk_is_one_line_whoever_hits_it(nearly_full_disk, pages):
+    """With 1-3 pages left on the output disk the first write to fail is TensorBoard's (its own
+    thread), config.yaml / metrics.jsonl, or the checkpoint: every time exit code 2 and one line."""
+    import os
+
+    free = os.statvfs(nearly_full_disk)
+    (nearly_full_disk / "filler").write_bytes(b"\0" * (free.f_bavail * free.f_frsize - pages * 4096))
+    res = subprocess.run([sys.executable, "-m", "ssl_sphere.pretrain", "--output-dir", str(nearly_full_disk / "runs"),
+                          "--max-steps", "3", "run.progress=false", "eval.every_epochs=0"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "Exception in thread" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "space" in lines[0], res.stderr

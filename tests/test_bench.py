@@ -79,14 +79,20 @@ def test_cli_entry_point_help():
     assert out.returncode == 0 and "augment" in out.stdout and "step" in out.stdout
 
 
-def test_make_table_renders_records_into_marked_readmes(tmp_path, monkeypatch):
-    """benchmarks/make_table.py: every number comes from a record; --write fills the marked block
-    of each target README (cpu_ and gpu_ records into their own markers) and leaves the rest."""
+def load_make_table():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_table", REPO / "benchmarks" / "make_table.py")
     mt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mt)
+    return mt
+
+
+def test_make_table_renders_records_into_marked_pages(tmp_path, monkeypatch):
+    """benchmarks/make_table.py: every number comes from a record; --write fills the marked block
+    of each target page (cpu_ and gpu_ records into their own markers) and leaves the rest."""
+    mt = load_make_table()
+    assert mt.TARGETS == (REPO / "docs" / "benchmarks" / "performance.md",)  # the docs page, not a README
     results = tmp_path / "results"
     results.mkdir()
     rec = {"kind": "augment", "command": "python benchmarks/bench.py augment --sizes 32",
@@ -132,21 +138,71 @@ def test_step_recipe_config_is_the_base(capsys):
 
 
 @pytest.mark.parametrize("prefix", ["cpu_", "gpu_"])
-def test_committed_records_render_and_the_readme_tables_are_current(prefix):
+def test_committed_records_render_and_the_docs_tables_are_current(prefix):
     """The records in benchmarks/results render (other scripts' records sharing the prefix, such
-    as cpu_data_scale.json, are skipped), and README.md holds exactly what they render to, so no
-    table there is typed by hand or left behind by a newer record."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_table", REPO / "benchmarks" / "make_table.py")
-    mt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mt)
+    as cpu_data_scale.json, are skipped), and docs/benchmarks/performance.md holds exactly what they
+    render to, so no table there is typed by hand or left behind by a newer record."""
+    mt = load_make_table()
     table = mt.render(prefix)
     assert "views/s" in table
     start, end = mt.markers(prefix)
-    readme = (REPO / "README.md").read_text()
-    block = readme[readme.index(start) + len(start):readme.index(end)]
+    page = (REPO / "docs" / "benchmarks" / "performance.md").read_text()
+    block = page[page.index(start) + len(start):page.index(end)]
     assert block.strip() == table.strip(), f"run `python benchmarks/make_table.py --prefix {prefix} --write`"
+
+
+def test_make_table_renders_the_default_run_into_marked_pages(tmp_path, monkeypatch):
+    """--default-run: the default run at several seeds (results/default_run_seeds.json) becomes a
+    seed | start | end | gain | wall table plus min / median gain, machine, load and command,
+    written between the default-run markers of README.md and docs/getting-started.md only."""
+    mt = load_make_table()
+    assert mt.DEFAULT_RUN_TARGETS == (REPO / "README.md", REPO / "docs" / "getting-started.md")
+    results = tmp_path / "results"
+    results.mkdir()
+    rec = {"command": "python benchmarks/default_run_seeds.py",
+           "run_command": "python -m ssl_sphere.pretrain --method moco --sec --seed S",
+           "machine": {"cpu": "TestCPU", "threads": 2, "torch": "9.9.9"},
+           "load_avg_start": [1.25, 0, 0], "load_avg_end": [2.5, 0, 0], "recorded": "2026-12-08",
+           "runs": [{"seed": 0, "start_knn_top1": 62.5, "knn_top1": 61.944, "gain": -0.556, "wall_s": 75.31},
+                    {"seed": 1, "start_knn_top1": 60.0, "knn_top1": 76.389, "gain": 16.389, "wall_s": 74.0}],
+           "min_gain": -0.556, "median_gain": 7.9165}
+    (results / mt.DEFAULT_RUN).write_text(json.dumps(rec))
+    a, b = tmp_path / "a.md", tmp_path / "b.md"
+    start, end = mt.DEFAULT_RUN_MARKERS
+    a.write_text(f"intro\n{start}\nold\n{end}\noutro\n")
+    b.write_text("no markers here\n")
+    monkeypatch.setattr(mt, "RESULTS", results)
+    monkeypatch.setattr(mt, "DEFAULT_RUN_TARGETS", (a, b))
+
+    assert mt.main(["--default-run", "--write"]) == 0
+    text = a.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| seed | kNN top-1 at step 0 (%) | at the end (%) | gain (points) | wall s |" in text
+    assert "| 0 | 62.50 | 61.94 | -0.56 | 75.3 |" in text and "| 1 | 60.00 | 76.39 | +16.39 | 74.0 |" in text
+    assert "min -0.56, median +7.92" in text and "TestCPU, 2 threads, torch 9.9.9" in text
+    assert "1.2 → 2.5" in text and "recorded 2026-12-08" in text
+    assert "`python benchmarks/default_run_seeds.py`" in text
+    assert "`python -m ssl_sphere.pretrain --method moco --sec --seed S`" in text
+    assert b.read_text() == "no markers here\n"
+    monkeypatch.setattr(mt, "DEFAULT_RUN_TARGETS", (b,))
+    assert mt.main(["--default-run", "--write"]) == 1  # no target has the markers: an error, not silence
+    # the README holds no performance table: the default run is the only one make_table writes there
+    readme = (REPO / "README.md").read_text()
+    assert all(mt.markers(p)[0] not in readme for p in ("cpu_", "gpu_"))
+
+
+def test_committed_default_run_record_renders_and_matches():
+    """benchmarks/results/default_run_seeds.json exists and README.md and docs/getting-started.md
+    hold exactly what it renders to."""
+    mt = load_make_table()
+    assert (mt.RESULTS / mt.DEFAULT_RUN).is_file(), \
+        "record missing: run `python benchmarks/default_run_seeds.py`, then `make_table.py --default-run --write`"
+    table = mt.render_default_run()
+    start, end = mt.DEFAULT_RUN_MARKERS
+    for page in mt.DEFAULT_RUN_TARGETS:
+        text = page.read_text()
+        block = text[text.index(start) + len(start):text.index(end)]
+        assert block.strip() == table.strip(), f"{page}: run `python benchmarks/make_table.py --default-run --write`"
 
 
 def test_quality_vs_lightly_runs_both_libraries_and_appends(tmp_path, monkeypatch):

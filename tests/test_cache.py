@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_sphere import cache
-from ssl_sphere.data import load_imagefolder
-from ssl_sphere.loader import Prefetcher
-from ssl_sphere.pretrain import build_config, main
-from ssl_sphere.train import train
+from ssl_sphere.cli.pretrain import build_config, main
+from ssl_sphere.data import cache
+from ssl_sphere.data.datasets import load_imagefolder
+from ssl_sphere.data.loader import Prefetcher
+from ssl_sphere.engine.train import train
 
 from .conftest import CIFAR_FOLDER, REPO, make_image_folder, requires_cifar_folder
 
@@ -100,7 +100,7 @@ def test_concurrent_builders_make_one_cache(tmp_path):
 def test_killed_build_leaves_nothing_trusted(tmp_path, capsys):
     root = make_image_folder(tmp_path / "data", n_train=1500, n_test=10, classes=("a",), hw=(64, 64))
     cdir = tmp_path / "c"
-    code = (f"from ssl_sphere.data import load_imagefolder; load_imagefolder({str(root)!r}, 64, workers=1, "
+    code = (f"from ssl_sphere.data.datasets import load_imagefolder; load_imagefolder({str(root)!r}, 64, workers=1, "
             f"cache='auto', cache_dir={str(cdir)!r}, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     t0 = time.time()
@@ -181,8 +181,8 @@ def test_store_size_keeps_context_for_random_crops(tmp_path):
     cfg = build_config(["--dataset", "imagefolder", "--data-root", str(root), "data.image_size=16",
                         "data.store_size=32", "data.eval_crop=0.5", f"data.cache_dir={tmp_path / 'c'}"])
     assert cfg.data.store_size == 32 and cfg.data.image_size == 16
-    from ssl_sphere.augment import Augmenter
-    from ssl_sphere.data import load_data
+    from ssl_sphere.augment.views import Augmenter
+    from ssl_sphere.data.datasets import load_data
 
     ds = load_data(cfg.data, **QUIET)
     assert ds.train.images.shape == (8, 3, 32, 32)  # stored larger than the training size
@@ -258,7 +258,7 @@ def test_rebuild_once_per_run_token_and_dead_builds_only_of_this_host(folder, tm
 def test_a_decode_worker_killed_is_a_clear_error(folder, tmp_path, monkeypatch):
     from concurrent.futures.process import BrokenProcessPool
 
-    from ssl_sphere import data
+    from ssl_sphere.data import decode as data
 
     class Broken:
         def __init__(self, *a, **k):

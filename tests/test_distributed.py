@@ -12,9 +12,9 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from ssl_sphere import checkpoint, dist
-from ssl_sphere.losses import nt_xent
-from ssl_sphere.sphere import SEC
+from ssl_sphere.core import checkpoint, dist
+from ssl_sphere.methods.losses import nt_xent
+from ssl_sphere.sphere.sec import SEC
 
 from .conftest import REPO
 
@@ -92,16 +92,14 @@ def test_simclr_gather_and_sec_match_single_process(tmp_path):
 
 
 def _moco_queue(rank):
-    from ssl_sphere.config import resolve, structured
-    from ssl_sphere.train import build_model
+    from ssl_sphere.config import layered, resolve
+    from ssl_sphere.models.ssl_model import build_model
 
-    cfg = structured()
-    cfg.method.queue_size, cfg.method.proj_hidden_dim, cfg.optim.batch_size = 64, 32, 4
-    cfg = resolve(cfg)
+    cfg = resolve(layered(values={"method.queue_size": 64, "method.proj_hidden_dim": 32, "optim.batch_size": 4}))
     torch.manual_seed(0)  # same initial weights and queue on both ranks (DDP would broadcast them)
     m = build_model(cfg).method
     torch.manual_seed(100 + rank)  # different data per rank
-    m(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    m([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)])
     keys = [torch.empty_like(m.queue.keys) for _ in range(WORLD)]
     tdist.all_gather(keys, m.queue.keys)
     x = torch.arange(14.0).view(7, 2)  # 7 rows over 2 ranks: uneven shards
@@ -131,8 +129,8 @@ def _torchrun(tmp_path, *args, script=False):
 
 
 def test_torchrun_two_ranks_then_resume_on_one_and_back(tmp_path):
-    from ssl_sphere.pretrain import build_config
-    from ssl_sphere.train import train
+    from ssl_sphere.cli.pretrain import build_config
+    from ssl_sphere.engine.train import train
 
     res = _torchrun(tmp_path, "--method", "moco", "--sec", "--batch-size", "64", "--max-steps", "2",
                     "eval.bank_size=200", "eval.test_size=100", "--run-name", "r")
@@ -151,9 +149,15 @@ def test_torchrun_two_ranks_then_resume_on_one_and_back(tmp_path):
     s = train(build_config(["--resume", str(run_dir / "last.pt"), "--max-steps", "6", "run.progress=false"]))
     ck = checkpoint.load(str(run_dir / "last.pt"))
     assert s["step"] == 6 and ck["samples_seen"] == 256 + 2 * 64 and ck["world_size"] == 1
+    # the lr was not asked, so it is derived again for 1 process (linear scaling on the new global batch)
+    assert ck["config"]["optim"]["lr"] == pytest.approx(0.06 * 64 / 128)
+    assert ck["config"]["request"]["optim"]["lr"] is None and "optim.lr" in ck["config"]["derived"]
     # ... and a 1-process checkpoint resumes on 2 ranks: 384 samples = step 3 of global batch 128
     res = _torchrun(tmp_path, "--resume", str(run_dir / "last.pt"), "--max-steps", "5", script=True)
     assert "continues on 2 process(es), global batch 128, at step 3" in res.stdout
     ck = checkpoint.load(str(run_dir / "last.pt"))
     assert ck["step"] == 5 and ck["samples_seen"] == 384 + 2 * 128 and ck["world_size"] == WORLD
+    assert ck["config"]["optim"]["lr"] == pytest.approx(0.06 * 64 * WORLD / 128)
+    line = next(x for x in res.stdout.splitlines() if "re-derived for this machine:" in x)
+    assert "optim.lr: 0.03 -> 0.06" in line and "model.split_bn: 8 -> 1" in line
 

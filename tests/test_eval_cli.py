@@ -51,8 +51,8 @@ def in_process(name, *argv):
 def smoke(tmp_path_factory):
     """A 2-step MoCo + SEC + vMF digits run (tiny backbone) with the live kNN monitor on.
     (vMF keeps one pseudo-label per training image in the state_dict: the CLIs must size the model from it.)"""
-    from ssl_sphere.pretrain import build_config
-    from ssl_sphere.train import train
+    from ssl_sphere.cli.pretrain import build_config
+    from ssl_sphere.engine.train import train
 
     tmp = tmp_path_factory.mktemp("smoke")
     summary = train(build_config(["--output-dir", str(tmp), "--sec", "--vmf", "--max-steps", "2", "--batch-size",

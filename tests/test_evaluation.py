@@ -8,16 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_sphere.data import Split
-from ssl_sphere.evaluation import (
+from ssl_sphere.data.splits import Split, stratified_subset
+from ssl_sphere.evaluation.features import extract_features
+from ssl_sphere.evaluation.protocols import (
     alignment_uniformity,
-    extract_features,
     knn_accuracy,
     knn_classify,
     knn_scores,
     linear_probe,
     recall_at_k,
-    stratified_subset,
     train_linear,
 )
 
@@ -150,16 +149,18 @@ def test_linear_probe_is_deterministic_and_seeded():
     a = linear_probe(x, y, xt, yt, epochs=5, batch_size=64, seed=1)
     b = linear_probe(x, y, xt, yt, epochs=5, batch_size=64, seed=1)
     assert a == b
-    w1, _ = train_linear(x, y, 5, epochs=3, batch_size=64, seed=1)
-    w2, _ = train_linear(x, y, 5, epochs=3, batch_size=64, seed=2)
+    w1 = train_linear(x, y, 5, epochs=3, batch_size=64, seed=1).weight
+    w2 = train_linear(x, y, 5, epochs=3, batch_size=64, seed=2).weight
     assert not torch.equal(w1, w2)
 
 
 def test_train_linear_equals_torch_sgd():
-    """The hand-written gradient + momentum update is torch.optim.SGD on nn.Linear."""
+    """train_linear is torch.optim.SGD on a zero-initialised nn.Linear with the per-step half cosine
+    lr_t = lr (1 + cos(pi t / T)) / 2, weight decay on the weight only, the seeded permutations."""
     x, y = clustered(300, d=12, c=4, noise=1.0, seed=10)
     epochs, lr, wd, bs, seed = 3, 0.05, 1e-3, 64, 3
-    w, b = train_linear(x, y, 4, epochs=epochs, lr=lr, weight_decay=wd, batch_size=bs, seed=seed)
+    layer = train_linear(x, y, 4, epochs=epochs, lr=lr, weight_decay=wd, batch_size=bs, seed=seed)
+    w, b = layer.weight, layer.bias
 
     head = nn.Linear(12, 4)
     nn.init.zeros_(head.weight)
@@ -248,7 +249,7 @@ def test_stratified_subset_is_balanced_and_deterministic():
 def test_recall_at_k_past_n_minus_1():
     """K > N - 1 looks at every other sample: a query without any same-label sample is a miss at
     every K (it counted as a hit when the "no match" marker was N - 1)."""
-    from ssl_sphere.evaluation import recall_at_k
+    from ssl_sphere.evaluation.protocols import recall_at_k
 
     x = torch.randn(5, 8)
     assert recall_at_k(x, torch.arange(5), (1, 2, 4, 8)) == {"recall@1": 0.0, "recall@2": 0.0, "recall@4": 0.0,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 
-from ssl_sphere.losses import byol_regression, info_nce, nt_xent
+from ssl_sphere.methods.losses import byol_regression, info_nce, nt_xent
 
 CASES = [(2, 3, 0.5), (5, 8, 0.1), (8, 16, 0.2), (7, 4, 1.0)]  # (B, D, T)
 

@@ -5,24 +5,18 @@ import math
 import pytest
 import torch
 
-from ssl_sphere.config import resolve, structured
-from ssl_sphere.methods import METHODS, StepOutput
-from ssl_sphere.model import build_model
-from ssl_sphere.optim import build_optimizer, cosine_momentum, lr_at
+from ssl_sphere.config import layered, resolve
+from ssl_sphere.core.registry import METHODS
+from ssl_sphere.core.schedules import cosine_momentum, lr_at
+from ssl_sphere.engine.optim import build_optimizer
+from ssl_sphere.methods.base import StepOutput
+from ssl_sphere.models.ssl_model import build_model
 
 
 def make_cfg(method, **over):
-    cfg = structured()
-    cfg.method.name = method
-    cfg.method.queue_size = 64
-    cfg.method.proj_hidden_dim = 64
-    cfg.method.pred_hidden_dim = 64
-    cfg.optim.batch_size = 8
-    cfg.sec.enabled = True
-    for k, v in over.items():
-        section, key = k.split(".")
-        cfg[section][key] = v
-    return resolve(cfg)
+    small = {"moco": {"method.queue_size": 64}, "byol": {"method.pred_hidden_dim": 64}}.get(method, {})
+    return resolve(layered(values={"method.name": method, "method.proj_hidden_dim": 64, **small,
+                                   "optim.batch_size": 8, "sec.enabled": True, **over}))
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -32,7 +26,7 @@ def test_forward_backward_after_step(name):
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.optim)
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    out = model.method(x1, x2)
+    out = model.method([x1, x2])
     assert isinstance(out, StepOutput) and out.loss.ndim == 0 and torch.isfinite(out.loss)
     n_views = 2 if (name != "moco" or cfg.method.symmetric) else 1
     assert out.embeddings.shape == (8 * n_views, cfg.method.proj_dim)
@@ -40,7 +34,7 @@ def test_forward_backward_after_step(name):
     # raw embeddings: not normalised by any head
     assert not torch.allclose(out.embeddings.norm(dim=1), torch.ones(8 * n_views), atol=1e-3)
 
-    total, method_loss, logs, emb = model(x1, x2, 0.5)
+    total, method_loss, logs, out = model([x1, x2], 0.5)
     assert {"norm_mean", "norm_std", "sec_loss"} <= set(logs)
     assert total.item() >= method_loss.item() - 1e-6
     opt.zero_grad()
@@ -67,10 +61,10 @@ def test_moco_enqueues_both_key_sets():
     cfg = make_cfg("moco")
     m = build_model(cfg).method
     ptr0 = int(m.queue.ptr)
-    m(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    m([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)])
     assert int(m.queue.ptr) == ptr0 + 16
     m.eval()
-    m(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    m([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)])
     assert int(m.queue.ptr) == ptr0 + 16  # no enqueue in eval mode
 
 
@@ -116,7 +110,7 @@ def test_lars_optimizer_builds_and_steps():
     cfg = make_cfg("simclr", **{"optim.optimizer": "lars"})
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.optim)
-    loss, *_ = model(torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), 0.0)
+    loss, *_ = model([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)], 0.0)
     loss.backward()
     opt.step()
     assert type(opt).__name__ == "LARS"
@@ -124,7 +118,7 @@ def test_lars_optimizer_builds_and_steps():
 
 @pytest.mark.parametrize("name", ["resnet18", "tiny"])
 def test_backbones_small_stem(name):
-    from ssl_sphere.backbones import build_backbone
+    from ssl_sphere.models.backbones import build_backbone
 
     net, dim = build_backbone(name, small_images=True)
     y = net(torch.randn(2, 3, 32, 32))
@@ -134,7 +128,7 @@ def test_backbones_small_stem(name):
 
 
 def test_split_batchnorm_equals_batchnorm_per_group_and_plain_bn_in_eval():
-    from ssl_sphere.backbones import SplitBatchNorm, split_batchnorm
+    from ssl_sphere.models.backbones import SplitBatchNorm, split_batchnorm
 
     torch.manual_seed(0)
     x = torch.randn(16, 5, 6, 6) * 3 + 1
@@ -192,12 +186,14 @@ def test_split_bn_default_and_single_process_key_shuffle():
 def test_sec_strength_is_relative_to_the_per_direction_loss(name, symmetric, directions):
     """total = L_method + D * eta * L_sec with D the directions L_method sums: relative to the
     per-direction mean loss L_method / D, SEC's gradient has the same scale eta for every method."""
-    cfg = make_cfg(name, **{"sec.weight": 0.3, "sec.ramp": "none", "method.symmetric": symmetric})
+    only_moco = {"method.symmetric": symmetric} if name == "moco" else {}
+    cfg = make_cfg(name, **{"sec.weight": 0.3, "sec.ramp": "none", **only_moco})
     torch.manual_seed(0)
     model = build_model(cfg)
     assert model.method.loss_directions == directions
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    total, method_loss, logs, emb = model(x1, x2, 0.5)
+    total, method_loss, logs, out = model([x1, x2], 0.5)
+    emb = out.embeddings
     torch.testing.assert_close(total - method_loss, directions * 0.3 * logs["sec_loss"], rtol=1e-5, atol=1e-6)
     # gradient of the SEC part w.r.t. the embeddings over that of the per-direction loss: D-free
     g_sec = torch.autograd.grad(total - method_loss, emb, retain_graph=True)[0]

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_sphere import checkpoint
-from ssl_sphere import run as run_mod
-from ssl_sphere.pretrain import build_config, main
-from ssl_sphere.train import train
+from ssl_sphere.cli.pretrain import build_config, main
+from ssl_sphere.core import checkpoint
+from ssl_sphere.engine import rundir as run_mod
+from ssl_sphere.engine.train import train
 
 from .conftest import REPO
 
-FAST = ["run.progress=false", "method.proj_hidden_dim=64", "method.pred_hidden_dim=64", "eval.every_epochs=0",
+FAST = ["run.progress=false", "method.proj_hidden_dim=64", "eval.every_epochs=0",
         "run.ckpt_every_minutes=0"]
 
 
@@ -221,8 +221,8 @@ def test_slurm_script_requeues_on_usr1_and_the_requeued_job_resumes(tmp_path):
 
 
 def test_a_stop_at_an_epoch_end_saves_without_the_knn_evaluation(tmp_path, monkeypatch):
-    import ssl_sphere.train as train_mod
-    from ssl_sphere.signals import StopRequested
+    from ssl_sphere.engine.signals import StopRequested
+    from ssl_sphere.engine.train import Run
 
     polls = {"n": 0}
 
@@ -230,7 +230,7 @@ def test_a_stop_at_an_epoch_end_saves_without_the_knn_evaluation(tmp_path, monke
         polls["n"] += 1
         return (int(signal.SIGTERM) if polls["n"] == 5 else 0), False
 
-    monkeypatch.setattr(train_mod, "poll", poll)
+    monkeypatch.setattr(Run, "poll", poll)
     with pytest.raises(StopRequested) as stop:
         run(tmp_path, "--batch-size", "256", "--epochs", "3", "--run-name", "r", "eval.every_epochs=1",
             "eval.bank_size=200", "eval.test_size=50")
@@ -248,8 +248,8 @@ def test_a_second_run_into_a_locked_run_directory_is_refused(tmp_path, capsys):
     args = ["--batch-size", "256", "--max-steps", "2", "--run-name", "r", "--output-dir", str(tmp_path), *FAST]
     assert main(args) == 0
     # a first run still writing there (a requeued job's twin): another process holding the lock
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from ssl_sphere.train import _lock_run_dir; "
-                               f"lock = _lock_run_dir({str(tmp_path / 'r')!r}); print('held', flush=True); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from ssl_sphere.engine.rundir import lock_run_dir; "
+                               f"lock = lock_run_dir({str(tmp_path / 'r')!r}); print('held', flush=True); "
                                "sys.stdin.read()"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

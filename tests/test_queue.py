@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_sphere.losses import info_nce
-from ssl_sphere.queue import NegativeQueue
+from ssl_sphere.methods.losses import info_nce
+from ssl_sphere.methods.queue import NegativeQueue
 
 
 def _keys(n: int, d: int, seed: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ssl_sphere.pretrain import build_config
+from ssl_sphere.cli.pretrain import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssl_sphere.cli.pretrain import build_config
 from ssl_sphere.config import ConfigError, resolve, structured
-from ssl_sphere.losses import vmf_loss
-from ssl_sphere.pretrain import build_config
-from ssl_sphere.sphere import VMF, see_expand, see_select, simplex_centres, spherical_kmeans
-from ssl_sphere.train import build_model
+from ssl_sphere.models.ssl_model import build_model
+from ssl_sphere.sphere.see import see_expand, see_select, simplex_centres
+from ssl_sphere.sphere.vmf import VMF, spherical_kmeans, vmf_loss
 
 
 @pytest.mark.parametrize("L, d", [(2, 1), (3, 2), (4, 3), (9, 8), (10, 32), (101, 128)])
@@ -63,8 +63,8 @@ def test_see_select_topk():
 
 
 def _cfg(method, *extra):
-    return build_config(["--method", method, "--batch-size", "8", "method.queue_size=64", "method.proj_hidden_dim=32",
-                         *extra])
+    queue = ["method.queue_size=64"] if method == "moco" else []
+    return build_config(["--method", method, "--batch-size", "8", *queue, "method.proj_hidden_dim=32", *extra])
 
 
 @pytest.mark.parametrize("method", ["moco", "simclr"])
@@ -79,12 +79,12 @@ def test_see_adds_lambda_times_its_loss(method):
     plain = copy.deepcopy(m)
     plain.see = None
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    out = m(x1, x2)
+    out = m([x1, x2])
     assert "see_loss" in out.logs and out.logs["see_loss"] > 0
     torch.testing.assert_close(out.loss.detach() - cfg.see.weight * out.logs["see_loss"],
-                               plain(x1, x2).loss.detach(), atol=1e-4, rtol=1e-4)
+                               plain([x1, x2]).loss.detach(), atol=1e-4, rtol=1e-4)
     m.set_progress(0.0)  # start of the ramp: nothing expanded, no SEE term
-    assert "see_loss" not in m(x1, x2).logs
+    assert "see_loss" not in m([x1, x2]).logs
 
 
 def test_see_synthetic_points_are_detached_from_their_source():
@@ -205,17 +205,17 @@ def test_vmf_k_larger_than_dataset_is_clear():
 
 
 @pytest.mark.parametrize("argv", [["--method", "moco", "--see", "--vmf"], ["--method", "simclr", "--see"],
-                                  ["--method", "byol", "--vmf", "vmf.refresh_epochs=1"]])
+                                  ["--method", "byol", "--vmf", "vmf.refresh_epochs=1", "method.pred_hidden_dim=64"]])
 def test_see_and_vmf_train_end_to_end(tmp_path, argv):
     import json
     from pathlib import Path
 
-    from ssl_sphere import checkpoint
-    from ssl_sphere.train import train
+    from ssl_sphere.core import checkpoint
+    from ssl_sphere.engine.train import train
 
     cfg = build_config([*argv, "--output-dir", str(tmp_path), "--batch-size", "256", "--max-steps", "6",
                         "run.progress=false", "run.log_every=1", "eval.every_epochs=0", "method.proj_hidden_dim=64",
-                        "method.pred_hidden_dim=64", "vmf.k=20"])
+                        "vmf.k=20"])
     s = train(cfg)
     rows = [json.loads(x) for x in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*rows[1:])

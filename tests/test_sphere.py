@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_sphere.sphere import SEC, ema_update, norm_stats, sec_loss, sec_weight
+from ssl_sphere.sphere.sec import SEC, ema_update, sec_loss, sec_weight
+from ssl_sphere.sphere.stats import norm_stats
 
 
 def _raw(b: int, d: int, seed: int, spread: float = 1.5) -> torch.Tensor:

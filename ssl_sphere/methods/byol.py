@@ -1,24 +1,55 @@
-"""BYOL (Grill et al. 2020): online network + predictor regress the EMA target's projection."""
+"""BYOL (Grill et al. 2020): online network + predictor regress the EMA target's projection;
+SEC on the online predictor outputs. No SEE: it has neither negatives nor proxies."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
-from ..losses import byol_regression
-from .base import EMAPair, Method, StepOutput
+from .base import EMAPair, MomentumMethod, StepOutput, register
+from .losses import byol_regression
 
 
-class BYOL(Method):
+@dataclass
+class BYOLConfig:
+    """BYOL (Grill et al. 2020): projector and predictor MLPs with BN, EMA target."""
+
+    name: str = "byol"  # --method byol
+    proj_hidden_dim: int = 4096  # [byol] Sec. 3.3: projector 4096-256
+    proj_dim: int = 256  # [byol]
+    pred_hidden_dim: int = 4096  # [byol] predictor 256-4096-256
+    momentum: float = 0.99  # [byol] Sec. 3.2 / [lightly] tau_base (0.996 on ImageNet); cosine to momentum_final
+    momentum_final: float = 1.0  # [byol]
+
+
+@register
+class BYOL(MomentumMethod):
+    Config = BYOLConfig
+    weight_keys = ("proj_hidden_dim", "proj_dim", "pred_hidden_dim")
+    sec_target = "the online predictor outputs of both views"
+    see_unsupported = ("its synthetic points serve as extra negatives (MoCo) or as anchors of an InfoNCE over the "
+                       "batch (SimCLR), and BYOL has neither negatives nor proxies; use --method moco or simclr")
+
+    @classmethod
+    def configure(cls, cfg, d) -> None:
+        # BYOL's asymmetric views (Table 6): blur 1.0 / 0.1, solarisation 0 / 0.2
+        d.fill("aug.blur_p", [1.0, 0.1], "BYOL Table 6: asymmetric views")
+        d.fill("aug.solarize_p", [0.0, 0.2], "BYOL Table 6: asymmetric views")
+        super().configure(cfg, d)
+
     def __init__(self, backbone, feature_dim, cfg, see=None):
         super().__init__(backbone, feature_dim, cfg, see)
         projector = BYOLProjectionHead(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.encoder = EMAPair(nn.Sequential(backbone, projector))
         self.predictor = BYOLPredictionHead(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> StepOutput:
-        """x1, x2: (B, 3, H, W). embeddings: (2B, proj_dim) raw online predictor outputs."""
+    def forward(self, views: Sequence[torch.Tensor]) -> StepOutput:
+        """views: two (B, 3, H, W). embeddings: (2B, proj_dim) raw online predictor outputs."""
+        x1, x2 = views
         p1 = self.predictor(self.encoder.online(x1))
         p2 = self.predictor(self.encoder.online(x2))
         with torch.no_grad():
@@ -30,10 +61,3 @@ class BYOL(Method):
     @property
     def loss_directions(self) -> int:
         return 2  # byol_regression(p1, t2) + byol_regression(p2, t1)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.target(x)
-
-    def after_step(self, progress: float) -> None:
-        super().after_step(progress)
-        self.encoder.update(self.momentum_at(progress))

@@ -1,4 +1,5 @@
-"""MoCo v2 (Chen, Fan, Girshick, He 2020): EMA key encoder, MLP head, negatives queue.
+"""MoCo v2 (Chen, Fan, Girshick, He 2020): EMA key encoder, MLP head, negatives queue; SEC on the
+query projector outputs; SEE as synthetic negatives around the keys.
 
 Symmetric loss as in the MoCo CIFAR-10 demo of the authors (moco colab
 notebook): loss = L(q1, k2) + L(q2, k1), a SUM as there (so lr 0.06 x B/128
@@ -7,28 +8,62 @@ matches its recipe), and both key sets are enqueued.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from lightly.models.modules.heads import MoCoProjectionHead
 from lightly.models.utils import batch_shuffle, batch_unshuffle
 from torch import nn
 
-from .. import dist
-from ..backbones import SplitBatchNorm
-from ..losses import info_nce, info_nce_masked
-from ..queue import NegativeQueue
-from ..sphere import see_expand, see_select
-from .base import EMAPair, Method, StepOutput
+from ..core import dist
+from ..sphere.see import see_expand, see_select
+from .base import EMAPair, MomentumMethod, StepOutput, check, register
+from .losses import info_nce, info_nce_masked
+from .queue import NegativeQueue
 
 
-class MoCo(Method):
+@dataclass
+class MoCoConfig:
+    """MoCo v2 (Chen et al. 2020) with the CIFAR-10 demo's symmetric loss."""
+
+    name: str = "moco"  # --method moco (the default method)
+    temperature: float = 0.1  # [demo] CIFAR-10 demo, symmetric loss (0.2 in the ImageNet recipe [v2])
+    proj_hidden_dim: int = 2048  # [v2] MLP head 2048-128
+    proj_dim: int = 128  # [v2]
+    momentum: float = 0.99  # [demo] key encoder EMA start; cosine to momentum_final
+    momentum_final: float = 1.0  # [ours] BYOL's cosine schedule to 1 (the demo keeps 0.99)
+    queue_size: int = 1024  # [ours] digits default; CIFAR recipes: 4096 [demo]; keep it well below 2 x dataset size
+    symmetric: bool = True  # [demo] L(q1, k2) + L(q2, k1)
+    shuffle_bn: bool = True  # [v2] shuffle the key batch (across ranks under DDP, in BN groups in one process)
+
+
+@register(default=True)
+class MoCo(MomentumMethod):
+    Config = MoCoConfig
+    weight_keys = ("proj_hidden_dim", "proj_dim", "queue_size")
+    sec_target = "the query projector outputs (both views with the symmetric loss)"
+    see_unsupported = None
+
+    @classmethod
+    def derive(cls, cfg, d, machine) -> None:
+        # split BN (the authors' CIFAR demo): with the key batch shuffled, a key never shares BN
+        # statistics with its query in one process; under DDP the shuffle crosses ranks instead
+        if machine.world == 1 and not cfg.model.sync_bn:
+            d.fill("model.split_bn", 8, "MoCo in one process: split BN in 8 groups (the authors' CIFAR demo)")
+        per_step = cfg.optim.batch_size * machine.world * (2 if cfg.method.symmetric else 1)
+        check(cfg.method.queue_size >= per_step, "method.queue_size",
+              f"must hold at least the keys of one step ({per_step} = batch x views x {machine.world} processes); "
+              "raise it or lower the batch")
+
     def __init__(self, backbone, feature_dim, cfg, see=None):
         super().__init__(backbone, feature_dim, cfg, see)
         projector = MoCoProjectionHead(feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
         self.encoder = EMAPair(nn.Sequential(backbone, projector))
         self.queue = NegativeQueue(cfg.queue_size, cfg.proj_dim)
         # BN groups of the backbone (split BN), read from its layers: the shuffle pays off only with them
-        self.split_bn = max((m.num_splits for m in backbone.modules() if isinstance(m, SplitBatchNorm)), default=1)
+        self.split_bn = max((getattr(m, "num_splits", 1) for m in backbone.modules()), default=1)
 
     @torch.no_grad()
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,8 +77,9 @@ class MoCo(Method):
         k = self.encoder.target(x)
         return batch_unshuffle(k, idx, distributed=world > 1) if shuffle else k
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> StepOutput:
-        """x1, x2: (B, 3, H, W). embeddings: (2B or B, proj_dim) raw query projections."""
+    def forward(self, views: Sequence[torch.Tensor]) -> StepOutput:
+        """views: two (B, 3, H, W). embeddings: (2B or B, proj_dim) raw query projections."""
+        x1, x2 = views
         t = self.cfg.temperature
         negatives = self.queue.negatives()
         q1 = self.encoder.online(x1)
@@ -66,7 +102,7 @@ class MoCo(Method):
             logs["see_loss"] = see_loss.detach()
         if self.training:
             self.queue.enqueue(keys)
-        return StepOutput(loss, queries, logs)
+        return StepOutput(loss, queries, logs, views=len(pairs))
 
     def _see_loss(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, fraction: float) -> torch.Tensor:
         """InfoNCE whose negatives are the queue plus synthetic points built around the
@@ -86,10 +122,3 @@ class MoCo(Method):
     @property
     def loss_directions(self) -> int:
         return 2 if self.cfg.symmetric else 1
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.target(x)
-
-    def after_step(self, progress: float) -> None:
-        super().after_step(progress)
-        self.encoder.update(self.momentum_at(progress))
