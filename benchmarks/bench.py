@@ -308,7 +308,7 @@ class PipelineStep:
         self.spe = steps_per_epoch(self.n, cfg.optim.batch_size, 1)
         warmup = int(round(cfg.optim.warmup_epochs * self.spe))
         self.step = TrainStep(self.model, self.model.method, self.optimizer, self.aug, placed, on_device, cfg,
-                              total, warmup, device)
+                              total, warmup, device, self.spe)
         self.stream = self.step.batches(step_batches(self.n, cfg.optim.batch_size, cfg.run.seed, 0, 10**9))
         self.phases: Optional[Dict[str, List[float]]] = None
         if getattr(self.model, "vmf", None) is not None:  # per-epoch refresh, outside the timed steps as in train.py

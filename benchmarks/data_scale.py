@@ -127,7 +127,6 @@ def throughput(backbone: str, batch: int, steps: int) -> dict:
     from ssl_sphere.cli.pretrain import build_config
     from ssl_sphere.data.batches import step_batches
     from ssl_sphere.data.datasets import load_data
-    from ssl_sphere.data.loader import Prefetcher
     from ssl_sphere.engine.optim import build_optimizer
     from ssl_sphere.engine.step import TrainStep
     from ssl_sphere.models.ssl_model import build_model
@@ -145,9 +144,9 @@ def throughput(backbone: str, batch: int, steps: int) -> dict:
             torch.manual_seed(0)
             model = build_model(cfg, n, device)
             step = TrainStep(model, model.method, build_optimizer(model, cfg.optim), aug, images, False, cfg,
-                             1000, 10, device)
+                             1000, 10, device, n // batch)
             batches = step_batches(n, batch, block, 0, 6)
-            for i, (s, idx, x) in enumerate(Prefetcher(images, device, batch)(batches)):
+            for i, (s, idx, x) in enumerate(step.batches(batches)):  # the loop's data path
                 t = time.perf_counter()
                 step(s, idx, x=x)
                 if i > 0:  # the first step of a block warms the model up

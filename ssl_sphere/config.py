@@ -70,7 +70,7 @@ class AugConfig:
 
     crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop area (0.08 on ImageNet)
     crop_ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # random resized crop aspect ratio range
-    hflip_p: float = 0.5  # horizontal flip probability
+    hflip_p: Optional[float] = None  # horizontal flip probability; None: 0.5, 0 for digits (a mirrored 2 is no 2)
     jitter_p: float = 0.8  # probability of colour jitter (brightness, contrast, saturation, hue in random order)
     brightness: float = 0.4  # jitter strength: factor drawn from [1 - b, 1 + b]
     contrast: float = 0.4  # jitter strength: factor drawn from [1 - c, 1 + c]
@@ -430,6 +430,9 @@ def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
             d.fill("data.image_size", folder_image_size(c.data.root), "short side of the folder's first image")
         else:
             d.fill("data.image_size", 96 if c.data.dataset == "stl10" else 32, f"native size of {c.data.dataset}")
+    d.fill("aug.hflip_p", 0.0 if c.data.dataset == "digits" else 0.5,
+           "digits: a mirrored digit is another glyph, so no flips" if c.data.dataset == "digits"
+           else "SimCLR augmentation: horizontal flip with p 0.5")
     small = c.data.image_size <= 64
     d.fill("model.small_images", small, f"data.image_size={c.data.image_size} {'<=' if small else '>'} 64")
     if c.data.dataset == "imagefolder":

@@ -55,7 +55,7 @@ def _step(cfg, images, mean, std, on_device=None):
     if cfg.model.compile:
         model.method.backbone.compile()
     model.train()
-    return TrainStep(model, model.method, opt, aug, placed, dev_flag, cfg, 100, 5, CUDA), model
+    return TrainStep(model, model.method, opt, aug, placed, dev_flag, cfg, 100, 5, CUDA, 10), model
 
 
 @pytest.fixture(scope="module")

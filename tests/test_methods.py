@@ -159,11 +159,14 @@ def test_split_batchnorm_equals_batchnorm_per_group_and_plain_bn_in_eval():
 
 
 def test_split_bn_default_and_single_process_key_shuffle():
-    cfg = make_cfg("moco")
-    assert cfg.model.split_bn == 8  # MoCo in one process: the authors' CIFAR demo
+    # MoCo in one process: BN groups of >= 64 images, at most 8 (the authors' CIFAR demo: 8 x 64)
+    assert make_cfg("moco", **{"optim.batch_size": 512, "method.queue_size": 1024}).model.split_bn == 8
+    assert make_cfg("moco", **{"optim.batch_size": 128, "method.queue_size": 256}).model.split_bn == 2
+    assert make_cfg("moco").model.split_bn == 1  # a batch of 8: no group of 64
+    cfg = make_cfg("moco", **{"model.split_bn": 8})
     assert make_cfg("simclr").model.split_bn == 1 and make_cfg("byol").model.split_bn == 1
     with pytest.raises(Exception, match="model.split_bn"):
-        make_cfg("moco", **{"optim.batch_size": 12})
+        make_cfg("moco", **{"optim.batch_size": 12, "model.split_bn": 8})
     torch.manual_seed(0)
     model = build_model(cfg)
     moco = model.method

@@ -48,19 +48,20 @@ def test_config_yaml_and_checkpoint_hold_request_resolved_and_derivations(tmp_pa
 
 
 def test_two_rank_run_resumed_on_one_rank_gets_the_one_rank_lr(tmp_path, monkeypatch, capsys):
-    s = train(build_config(["--output-dir", str(tmp_path), "--max-steps", "1", *FAST]))
+    fast = [*FAST, "--batch-size", "128"]
+    s = train(build_config(["--output-dir", str(tmp_path), "--max-steps", "1", *fast]))
     _on(monkeypatch, world=2)
-    two = build_config(["--output-dir", str(tmp_path), *FAST])
-    assert two.optim.lr == pytest.approx(0.06 * 64 * 2 / 128) and two.model.split_bn == 1
+    two = build_config(["--output-dir", str(tmp_path), *fast])
+    assert two.optim.lr == pytest.approx(0.06 * 128 * 2 / 128) and two.model.split_bn == 1
     path = _saved_as(Path(s["run_dir"]), two)
     _on(monkeypatch, world=1)
     capsys.readouterr()
-    one = build_config(["--resume", str(path), *FAST])
-    assert one.optim.lr == pytest.approx(0.06 * 64 / 128)
-    assert one.model.split_bn == 8  # MoCo in one process: split BN again
+    one = build_config(["--resume", str(path), *fast])
+    assert one.optim.lr == pytest.approx(0.06 * 128 / 128)
+    assert one.model.split_bn == 2  # MoCo in one process: split BN (2 groups of 64) again
     line = [x for x in capsys.readouterr().out.splitlines() if "re-derived for this machine" in x]
-    assert len(line) == 1 and "optim.lr: 0.06 -> 0.03" in line[0] and "1 process" in line[0]
-    assert "model.split_bn: 1 -> 8" in line[0]
+    assert len(line) == 1 and "optim.lr: 0.12 -> 0.06" in line[0] and "1 process" in line[0]
+    assert "model.split_bn: 1 -> 2" in line[0]
 
 
 def test_cuda_config_resumed_on_a_cpu_gets_the_cpu_caps(tmp_path, monkeypatch, capsys):

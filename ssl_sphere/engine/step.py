@@ -40,10 +40,10 @@ class TrainStep:
 
     def __init__(self, forward: nn.Module, method: Method, optimizer: torch.optim.Optimizer, aug: Augmenter,
                  images: torch.Tensor, on_device: bool, cfg: DictConfig, total: int, warmup: int,
-                 device: torch.device):
+                 device: torch.device, steps_per_epoch: int):
         self.forward, self.method, self.optimizer, self.aug = forward, method, optimizer, aug
         self.images, self.on_device, self.cfg = images, on_device, cfg
-        self.total, self.warmup, self.device = total, warmup, device
+        self.total, self.warmup, self.device, self.steps_per_epoch = total, warmup, device, steps_per_epoch
         self.use_bf16 = bf16_enabled(cfg, device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
@@ -83,6 +83,7 @@ class TrainStep:
         mark("batch_index")
         views = self.views(x)
         mark("augment")
+        self.method.begin_step(step / self.steps_per_epoch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             loss, method_loss, logs, out = self.forward(views, step / self.total, idx_dev)
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)  # no sync
@@ -90,6 +91,7 @@ class TrainStep:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         mark("backward")
+        self.method.before_optimizer_step()
         optimizer.step()
         mark("optimizer")
         self.method.after_step((step + 1) / self.total)

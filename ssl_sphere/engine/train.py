@@ -123,7 +123,7 @@ class Run:
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         images, on_device = place_images(splits.train.images, cfg, device)
         step_fn = TrainStep(forward, model.method, optimizer, aug, images, on_device, cfg, plan.total, plan.warmup,
-                            device)
+                            device, plan.steps_per_epoch)
         logger = _open_logs(cfg, run_dir, rank == 0, purge_step=start if ckpt is not None else None)
         return cls(cfg, run_dir, device, rank, world, plan, splits, aug, model, step_fn, logger, monitor, state,
                    Policy(cfg, plan, monitor is not None), signals, start, ckpt is not None, dist.cpu_group(),

@@ -9,7 +9,8 @@ A method is one module holding everything unique to it:
   its augmentation) and its own checks, machine-free and machine-dependent (classmethods, called by
   ``ssl_sphere.config.resolve``);
 * ``weight_keys``: the keys of its section that shape its weights (a resume may not change them);
-* its heads, its loss call (``forward(views) -> StepOutput``), its momentum pairs (``momentum_pairs``);
+* its heads, its loss call (``forward(views) -> StepOutput``), its momentum pairs (``momentum_pairs``),
+  and the step hooks it needs (``begin_step(epoch)``, ``before_optimizer_step()``, ``after_step(progress)``);
 * what the hypersphere regularisers act on: ``StepOutput.embeddings`` are the RAW embeddings its loss
   L2-normalises (SEC and vMF act on these; ``sec_target`` says which they are), and
   ``see_unsupported`` is None where it implements SEE, else the reason SEE does not apply.
@@ -95,6 +96,7 @@ class Method(nn.Module):
         # means "read the buffer once" (fresh module, or a state_dict just loaded into it)
         self.register_buffer("progress", torch.zeros(()))
         self._progress = None
+        self.epoch = 0.0  # position in training in epochs (step / steps per epoch), set by begin_step
 
     # ------------------------------------------------------------------ config hooks
     @classmethod
@@ -124,9 +126,18 @@ class Method(nn.Module):
         against the per-direction mean of the loss, so it is scaled by this (SSLModel)."""
         return 1
 
+    def begin_step(self, epoch: float) -> None:
+        """Called before each step's forward with the position in training in epochs (step / steps
+        per epoch, a float): what epoch-based schedules of a method read (self.epoch)."""
+        self.epoch = epoch
+
     def forward(self, views: Sequence[torch.Tensor]) -> StepOutput:
         """views: the augmented views of the batch, each (B, 3, H, W)."""
         raise NotImplementedError
+
+    def before_optimizer_step(self) -> None:
+        """Called after the backward pass, before the optimiser step: e.g. drop the gradients of a
+        layer kept frozen for the first epochs (set them to None: the optimiser then skips it)."""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) normalised images -> (B, F) backbone features for evaluation."""

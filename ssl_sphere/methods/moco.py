@@ -48,10 +48,16 @@ class MoCo(MomentumMethod):
 
     @classmethod
     def derive(cls, cfg, d, machine) -> None:
-        # split BN (the authors' CIFAR demo): with the key batch shuffled, a key never shares BN
-        # statistics with its query in one process; under DDP the shuffle crosses ranks instead
+        # split BN (the authors' CIFAR demo: 8 groups of 64 images of a 512 batch, keys shuffled, so a
+        # key never shares BN statistics with its query in one process; under DDP the shuffle crosses
+        # ranks instead). As many groups as keep >= 64 images each, at most 8: groups of 8 images (a
+        # batch of 64 in 8) estimate BN statistics too noisily to learn from (docs/benchmarks/default-run.md)
         if machine.world == 1 and not cfg.model.sync_bn:
-            d.fill("model.split_bn", 8, "MoCo in one process: split BN in 8 groups (the authors' CIFAR demo)")
+            batch = cfg.optim.batch_size
+            groups = max(g for g in range(1, 9) if batch % g == 0 and (g == 1 or batch // g >= 64))
+            if groups > 1:
+                d.fill("model.split_bn", groups, f"MoCo in one process: split BN in {groups} groups of "
+                       f"{batch // groups} images (the authors' CIFAR demo: 8 of 64)")
         per_step = cfg.optim.batch_size * machine.world * (2 if cfg.method.symmetric else 1)
         check(cfg.method.queue_size >= per_step, "method.queue_size",
               f"must hold at least the keys of one step ({per_step} = batch x views x {machine.world} processes); "
