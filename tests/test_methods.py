@@ -202,3 +202,21 @@ def test_sec_strength_is_relative_to_the_per_direction_loss(name, symmetric, dir
     g_sec = torch.autograd.grad(total - method_loss, emb, retain_graph=True)[0]
     g_sec_alone = torch.autograd.grad(model.sec(emb, 0.5)[0], emb)[0]  # eta * L_sec on its own
     torch.testing.assert_close(g_sec / directions, g_sec_alone, rtol=1e-5, atol=1e-7)
+
+
+def test_fixed_lr_modules_keep_the_peak_lr():
+    """A method's fixed_lr_modules (SimSiam's predictor) get groups of their own that set_lr keeps at
+    the peak lr while the schedule moves the others; without any, the two groups as before."""
+    from ssl_sphere.engine.optim import set_lr
+
+    cfg = make_cfg("byol")
+    model = build_model(cfg)
+    assert len(build_optimizer(model, cfg.optim).param_groups) == 2
+    model.method.fixed_lr_modules = lambda: [model.method.predictor]
+    opt = build_optimizer(model, cfg.optim)
+    fixed = [g for g in opt.param_groups if g.get("fixed_lr")]
+    pred = {id(p) for p in model.method.predictor.parameters()}
+    assert fixed and {id(p) for g in fixed for p in g["params"]} == pred
+    assert not pred & {id(p) for g in opt.param_groups if not g.get("fixed_lr") for p in g["params"]}
+    set_lr(opt, 0.001, 0.3)
+    assert {g["lr"] for g in fixed} == {0.3} and {g["lr"] for g in opt.param_groups if not g.get("fixed_lr")} == {0.001}

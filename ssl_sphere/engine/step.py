@@ -77,7 +77,7 @@ class TrainStep:
         cfg, device, optimizer = self.cfg, self.device, self.optimizer
         mark = mark or (lambda name: None)
         lr = lr_at(step, self.total, self.warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
-        set_lr(optimizer, lr)
+        set_lr(optimizer, lr, cfg.optim.lr)
         idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
         x = self.batch(idx_dev, x)
         mark("batch_index")

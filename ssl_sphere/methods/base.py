@@ -152,6 +152,11 @@ class Method(nn.Module):
         """(online, target) modules whose target is an EMA of the online one (none by default)."""
         return []
 
+    def fixed_lr_modules(self) -> List[nn.Module]:
+        """Modules whose parameters keep the peak lr instead of the schedule (e.g. SimSiam's
+        predictor, Sec. 4.2); none by default."""
+        return []
+
     def momentum_backbone(self) -> Optional[nn.Module]:
         """The EMA copy of the backbone (MoCo's key encoder, BYOL's target), or None."""
         return None

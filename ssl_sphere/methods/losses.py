@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.numerics import float32
+from ..sphere.see import see_expand, see_select
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,3 +85,40 @@ def info_nce_masked(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t
     neg = (q @ F.normalize(negatives.float(), dim=1).T).masked_fill(~valid, float("-inf"))
     logits = torch.cat([pos, neg], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+# ----------------------------------------------------------------------------- SEE (Le, Woo, PAKDD 2024)
+def see_negatives_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, n: int, fraction: float,
+                       temperature: float) -> torch.Tensor:
+    """SEE as extra negatives (MoCo-style methods): InfoNCE whose negatives are ``negatives`` plus
+    synthetic points built around the keys of the most confident pairs (anchor = key, z = detached
+    query); a query never sees the points of its own instance.
+
+    q: (B, D) raw queries; k: (B, D) their positive keys (no grad); negatives: (K, D); n synthetic
+    points per expanded pair; fraction: share of the B pairs expanded (the most confident)."""
+    b = q.shape[0]
+    with torch.no_grad():
+        qn, kn = F.normalize(q.detach().float(), dim=1), F.normalize(k.float(), dim=1)
+        chosen = torch.zeros(b, dtype=torch.bool, device=q.device)
+        chosen[see_select((qn * kn).sum(1), fraction)] = True
+        synth = see_expand(qn, kn, n).reshape(b * n, -1)  # (B*n, D), detached
+        owner = torch.arange(b, device=q.device).repeat_interleave(n)
+        valid = (owner[None, :] != torch.arange(b, device=q.device)[:, None]) & chosen[owner][None, :]
+        valid = torch.cat([torch.ones(b, negatives.shape[0], dtype=torch.bool, device=q.device), valid], 1)
+    return info_nce_masked(q, k, torch.cat([negatives.float(), synth]), temperature, valid)
+
+
+@float32
+def see_anchor_loss(z: torch.Tensor, anchor: torch.Tensor, n: int, fraction: float,
+                    temperature: float) -> torch.Tensor:
+    """SEE as an auxiliary InfoNCE on synthetic anchors (SimCLR-style methods): synthetic points
+    around each confident ``anchor`` view (built from the detached other view ``z``) are detached
+    queries whose positive is their own anchor and whose negatives are the other anchors of the
+    batch; it trains the anchor view. z, anchor: (B, D) raw."""
+    an = F.normalize(anchor.float(), dim=1)
+    with torch.no_grad():
+        zn, ad = F.normalize(z.detach().float(), dim=1), an.detach()
+        chosen = see_select((zn * ad).sum(1), fraction)
+        synth = see_expand(zn[chosen], ad[chosen], n).reshape(-1, an.shape[1])  # (k*n, D)
+        target = chosen.repeat_interleave(n)
+    return F.cross_entropy(synth @ an.T / temperature, target)

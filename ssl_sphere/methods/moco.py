@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from lightly.models.modules.heads import MoCoProjectionHead
 from lightly.models.utils import batch_shuffle, batch_unshuffle
 from torch import nn
 
 from ..core import dist
-from ..sphere.see import see_expand, see_select
 from .base import EMAPair, MomentumMethod, StepOutput, check, register
-from .losses import info_nce, info_nce_masked
+from .losses import info_nce, see_negatives_loss
 from .queue import NegativeQueue
 
 
@@ -103,27 +101,12 @@ class MoCo(MomentumMethod):
         logs = {}
         frac = self.see_fraction()
         if frac > 0:
-            see_loss = sum(self._see_loss(q, k, negatives, frac) for q, k in pairs)
+            see_loss = sum(see_negatives_loss(q, k, negatives, self.see.n, frac, t) for q, k in pairs)
             loss = loss + self.see.weight * see_loss
             logs["see_loss"] = see_loss.detach()
         if self.training:
             self.queue.enqueue(keys)
         return StepOutput(loss, queries, logs, views=len(pairs))
-
-    def _see_loss(self, q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, fraction: float) -> torch.Tensor:
-        """InfoNCE whose negatives are the queue plus synthetic points built around the
-        keys of the most confident pairs (anchor = key, z = detached query); a query
-        never sees the points of its own instance. q, k: (B, D); negatives: (K, D)."""
-        b, n = q.shape[0], self.see.n
-        with torch.no_grad():
-            qn, kn = F.normalize(q.detach().float(), dim=1), F.normalize(k.float(), dim=1)
-            chosen = torch.zeros(b, dtype=torch.bool, device=q.device)
-            chosen[see_select((qn * kn).sum(1), fraction)] = True
-            synth = see_expand(qn, kn, n).reshape(b * n, -1)  # (B*n, D), detached
-            owner = torch.arange(b, device=q.device).repeat_interleave(n)
-            valid = (owner[None, :] != torch.arange(b, device=q.device)[:, None]) & chosen[owner][None, :]
-            valid = torch.cat([torch.ones(b, negatives.shape[0], dtype=torch.bool, device=q.device), valid], 1)
-        return info_nce_masked(q, k, torch.cat([negatives.float(), synth]), self.cfg.temperature, valid)
 
     @property
     def loss_directions(self) -> int:

@@ -7,13 +7,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from lightly.models.modules.heads import SimCLRProjectionHead
 
 from ..core import dist
-from ..sphere.see import see_expand, see_select
 from .base import Method, StepOutput, register
-from .losses import nt_xent
+from .losses import nt_xent, see_anchor_loss
 
 
 @dataclass
@@ -46,24 +44,11 @@ class SimCLR(Method):
         logs = {}
         frac = self.see_fraction()
         if frac > 0:
-            see_loss = self._see_loss(z1, z2, frac) + self._see_loss(z2, z1, frac)
+            n, t = self.see.n, self.cfg.temperature
+            see_loss = see_anchor_loss(z1, z2, n, frac, t) + see_anchor_loss(z2, z1, n, frac, t)
             loss = loss + self.see.weight * see_loss
             logs["see_loss"] = see_loss.detach()
         return StepOutput(loss, torch.cat([z1, z2], 0), logs)
-
-    def _see_loss(self, z: torch.Tensor, anchor: torch.Tensor, fraction: float) -> torch.Tensor:
-        """Auxiliary InfoNCE: synthetic points around each confident ``anchor`` view
-        (built from the detached other view ``z``) are detached queries whose positive is
-        their own anchor and whose negatives are the other anchors of the batch; it trains
-        the anchor view. z, anchor: (B, D) raw."""
-        n = self.see.n
-        an = F.normalize(anchor.float(), dim=1)
-        with torch.no_grad():
-            zn, ad = F.normalize(z.detach().float(), dim=1), an.detach()
-            chosen = see_select((zn * ad).sum(1), fraction)
-            synth = see_expand(zn[chosen], ad[chosen], n).reshape(-1, an.shape[1])  # (k*n, D)
-            target = chosen.repeat_interleave(n)
-        return F.cross_entropy(synth @ an.T / self.cfg.temperature, target)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
