@@ -3,6 +3,7 @@ exactly and exports through the unchanged engine, CLI and export code; and the l
 methods name no method."""
 
 import ast
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def test_a_method_from_this_file_trains_resumes_and_exports(toy, tmp_path):
 
     a = train(cfg)  # 2 epochs of 5 steps, kNN at 0, 5, 10
     assert a["step"] == 10 and a["knn_top1"] > 0
+    rows = [json.loads(x) for x in (Path(a["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    collapse = {r["step"]: r for r in rows if r["kind"] == "collapse"}  # the collapse monitor at every evaluation
+    assert sorted(collapse) == [0, 5, 10] and "feature_rank" in collapse[0] and "embedding_std" not in collapse[0]
+    assert all(0 < collapse[s]["embedding_std"] and 1 <= collapse[s]["embedding_rank"] for s in (5, 10))
     b_dir = tmp_path / "b"
     train(build_config([*FAST, "--output-dir", str(b_dir), "--max-steps", "3"]))
     b = train(build_config([*FAST, "--output-dir", str(b_dir), "--resume", "auto", "--max-steps", "10"]))

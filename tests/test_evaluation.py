@@ -257,3 +257,32 @@ def test_recall_at_k_past_n_minus_1():
     y = torch.tensor([0, 0, 1, 2, 3])  # only the two 0s have a match: 2 of 5 queries once K covers everyone
     assert recall_at_k(x, y, (4, 8, 100))["recall@8"] == pytest.approx(40.0)
     assert recall_at_k(x, y, (4, 8, 100))["recall@100"] == recall_at_k(x, y, (4,))["recall@4"] == pytest.approx(40.0)
+
+
+# ----------------------------------------------------------------------------- collapse
+def test_collapse_statistics_and_warnings():
+    """Spread embeddings: std ~1, rank near min(N, D), no warning; a collapse to one point warns on
+    the std and the rank, once per run; low code entropy warns."""
+    from ssl_sphere.evaluation.monitor import CollapseMonitor
+    from ssl_sphere.methods.base import StepOutput
+    from ssl_sphere.sphere.stats import code_entropy, effective_rank, normalised_std
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(512, 64, generator=g)
+    assert normalised_std(spread).item() == pytest.approx(1.0, abs=0.05)
+    assert effective_rank(spread).item() > 0.9 * 64
+    collapsed = torch.randn(1, 64, generator=g).repeat(512, 1) + 1e-4 * torch.randn(512, 64, generator=g)
+    assert normalised_std(collapsed).item() < 0.01 and effective_rank(collapsed).item() < 2
+    assert code_entropy(torch.full((8, 10), 0.1)).item() == pytest.approx(1.0)
+    assert code_entropy(F.one_hot(torch.zeros(8, dtype=torch.long), 10).float()).item() == pytest.approx(0.0, abs=1e-6)
+
+    mon = CollapseMonitor()
+    stats, warnings = mon(StepOutput(torch.tensor(0.0), spread), features=spread)
+    assert not warnings and {"embedding_std", "embedding_rank", "feature_rank"} <= set(stats)
+    stats, warnings = mon(StepOutput(torch.tensor(0.0), collapsed))
+    assert len(warnings) == 2 and any("embedding_std" in w for w in warnings)
+    assert any("embedding_rank_share" in w for w in warnings)
+    assert mon(StepOutput(torch.tensor(0.0), collapsed))[1] == []  # once per run
+    low = StepOutput(torch.tensor(0.0), spread, {"code_entropy": torch.tensor(0.05)})
+    stats, warnings = mon(low)
+    assert stats["code_entropy"] == pytest.approx(0.05) and len(warnings) == 1 and "code_entropy" in warnings[0]

@@ -23,7 +23,7 @@ from ..data.batches import step_batches, steps_per_epoch
 from ..data.datasets import load_data
 from ..data.splits import DataSplits, stratified_subset
 from ..evaluation.features import extract_features
-from ..evaluation.monitor import KnnMonitor
+from ..evaluation.monitor import CollapseMonitor, KnnMonitor
 from ..evaluation.protocols import alignment_uniformity
 from ..models.ssl_model import SSLModel, build_model, refresh_vmf
 from .device import resolve_device, seed_everything
@@ -59,6 +59,7 @@ class Run:
     signals: StopSignals
     start: int  # the step this run continues from (0 for a fresh run)
     resumed: bool
+    collapse: CollapseMonitor = field(default_factory=CollapseMonitor)
     control_group: Any = None  # gloo group for the per-step stop / save decision under DDP
     bar: Any = None  # tqdm progress bar on rank 0 (run.progress)
     knn_step: Optional[int] = field(default=None)  # the step of the checkpoint's last kNN evaluation
@@ -126,8 +127,8 @@ class Run:
                             device, plan.steps_per_epoch)
         logger = _open_logs(cfg, run_dir, rank == 0, purge_step=start if ckpt is not None else None)
         return cls(cfg, run_dir, device, rank, world, plan, splits, aug, model, step_fn, logger, monitor, state,
-                   Policy(cfg, plan, monitor is not None), signals, start, ckpt is not None, dist.cpu_group(),
-                   knn_step=state.knn_step)
+                   Policy(cfg, plan, monitor is not None), signals, start, ckpt is not None,
+                   control_group=dist.cpu_group(), knn_step=state.knn_step)
 
     def close(self) -> None:
         """Close the progress bar and the logs; an error while closing never hides the one in flight."""
@@ -175,7 +176,7 @@ class Run:
         if d.epoch_end:
             self.log_sphere_stats(step, out)
         if d.evaluate:
-            self.evaluate(step)
+            self.evaluate(step, out)
         if d.save:
             self.state.save(step, self.step_fn.first_bad, periodic=d.keep_epoch)
             self.policy.saved()
@@ -204,12 +205,18 @@ class Run:
                  f"steps/epoch, {plan.total} total" + (f", stopping at {plan.stop}" if plan.stop < plan.total else "")
                  + (f" | resumed at step {self.start}" if self.resumed else ""))
 
-    def evaluate(self, step: int) -> None:
-        """kNN monitor -> TensorBoard, metrics.jsonl and one console line."""
+    def evaluate(self, step: int, out=None) -> None:
+        """kNN monitor and collapse statistics (out: the last step's StepOutput) -> TensorBoard,
+        metrics.jsonl, one console line, and a warning the first time a collapse statistic is low."""
         res = self.monitor(self.model.method, step)
-        self.logger.log(step, res, "eval", epoch=step / self.plan.steps_per_epoch)
-        self.say(f"[ssl_sphere] step {step} (epoch {step / self.plan.steps_per_epoch:.2f}): kNN top-1 "
+        epoch = step / self.plan.steps_per_epoch
+        self.logger.log(step, res, "eval", epoch=epoch)
+        stats, warnings = self.collapse(out, self.monitor.bank_features)
+        self.logger.log(step, stats, "collapse", epoch=epoch)
+        self.say(f"[ssl_sphere] step {step} (epoch {epoch:.2f}): kNN top-1 "
                  f"{res['knn_top1']:.2f}% top-5 {res['knn_top5']:.2f}% ({res['knn_seconds']:.1f}s)")
+        for w in warnings:
+            self.say(f"[ssl_sphere] warning at step {step}: {w}")
 
     def log_step(self, step: int, loss, method_loss, logs: Dict[str, torch.Tensor], lr: float) -> None:
         """Scalars of step ``step`` to TensorBoard / metrics.jsonl and the progress bar (one host sync)."""

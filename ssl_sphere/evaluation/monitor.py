@@ -1,14 +1,57 @@
-"""The live kNN monitor: the kNN protocol on a capped bank and query set during training."""
+"""What training watches at each evaluation: the kNN protocol on a capped bank and query set
+(KnnMonitor) and the signs of a collapse of the representation (CollapseMonitor)."""
 
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
+
+import torch
 
 from ..core import dist
 from ..data.splits import stratified_subset
+from ..sphere.stats import effective_rank, normalised_std
 from .features import extract_features
 from .protocols import knn_accuracy
+
+#: below these, a statistic warns of a collapse (docs/guide/evaluation.md#collapse): the normalised
+#: std of the embeddings (about 1 when they spread on the sphere, 0 at a collapse to a point; SimSiam
+#: Sec. 4.1), the effective rank (RankMe) of the embeddings as a share of its largest possible value
+#: min(N, D) (1 / min(N, D) at a collapse to one direction), and the normalised entropy of the
+#: batch-mean codes of prototype methods (0 when one prototype takes every sample). The backbone
+#: features' effective rank is logged, not warned on: a random-init network already has a low one.
+COLLAPSE_THRESHOLDS = {"embedding_std": 0.1, "embedding_rank_share": 0.02, "code_entropy": 0.1}
+
+
+class CollapseMonitor:
+    """Collapse statistics at each evaluation, from the last training step's raw embeddings
+    (StepOutput) and the kNN bank's backbone features; a statistic below its threshold
+    (COLLAPSE_THRESHOLDS) warns once per run."""
+
+    def __init__(self):
+        self.warned: set = set()
+
+    def __call__(self, out=None, features: Optional[torch.Tensor] = None) -> Tuple[Dict[str, float], List[str]]:
+        """out: the StepOutput of the last training step (None before the first); features: (N, F)
+        backbone features. Returns ({statistic: value}, the warnings raised now)."""
+        stats: Dict[str, float] = {}
+        if out is not None:
+            z = out.embeddings.detach()
+            stats["embedding_std"] = float(normalised_std(z))
+            stats["embedding_rank"] = float(effective_rank(z))
+            stats["embedding_rank_share"] = stats["embedding_rank"] / min(z.shape)
+            if "code_entropy" in out.logs:
+                stats["code_entropy"] = float(out.logs["code_entropy"])
+        if features is not None:
+            stats["feature_rank"] = float(effective_rank(features))
+            stats["feature_rank_share"] = stats["feature_rank"] / min(features.shape)
+        warnings = []
+        for key, threshold in COLLAPSE_THRESHOLDS.items():
+            if key in stats and stats[key] < threshold and key not in self.warned:
+                self.warned.add(key)
+                warnings.append(f"{key} = {stats[key]:.3g} is below {threshold}: the representation may be "
+                                "collapsing (docs/guide/evaluation.md#collapse)")
+        return stats, warnings
 
 
 class KnnMonitor:
@@ -48,6 +91,7 @@ class KnnMonitor:
         bank = dist.gather_sharded(bank, len(self.bank_y))
         queries = dist.gather_sharded(queries, len(self.test_y))
         res = knn_accuracy(bank, self.bank_y, queries, self.test_y, c.knn_k, c.knn_temperature, self.num_classes)
+        self.bank_features = bank  # (N, F): the collapse monitor's feature rank
         if self.start is None:
             self.start = res["knn_top1"]
         self.best = max(self.best, res["knn_top1"])
