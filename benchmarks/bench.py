@@ -55,7 +55,7 @@ from ssl_sphere.data.listing import IMAGE_EXTENSIONS
 from ssl_sphere.engine.device import bf16_enabled, cpu_name, resolve_device
 from ssl_sphere.engine.optim import build_optimizer
 from ssl_sphere.engine.step import TrainStep, place_images
-from ssl_sphere.models.backbones import build_backbone
+from ssl_sphere.models.backbones import backbone_of
 from ssl_sphere.models.ssl_model import build_model, refresh_vmf
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -341,7 +341,7 @@ class BackboneStep:
     ``ema_forward``: also a no-grad forward of an EMA copy on both views (MoCo / BYOL floor)."""
 
     def __init__(self, cfg, views: Tuple[torch.Tensor, torch.Tensor], device: torch.device, ema_forward: bool):
-        backbone, _ = build_backbone(cfg.model.backbone, cfg.model.small_images)
+        backbone, _ = backbone_of(cfg.model, cfg.data.image_size)
         self.backbone = backbone.to(device)
         if cfg.model.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ssl_sphere.augment.ops import blur_kernel_size
-from ssl_sphere.models.backbones import build_backbone
+from ssl_sphere.models.backbones import backbone_of
 
 
 def to_pil(images: torch.Tensor) -> list:
@@ -74,7 +74,7 @@ class LightlyStep:
         m = cfg.method
         self.name, self.device = m.name, device
         self.update_momentum, self.cosine_schedule = update_momentum, cosine_schedule
-        backbone, fdim = build_backbone(cfg.model.backbone, cfg.model.small_images)
+        backbone, fdim = backbone_of(cfg.model, cfg.data.image_size)
         if m.name == "simclr":
             self.online = nn.Sequential(backbone, SimCLRProjectionHead(fdim, m.proj_hidden_dim, m.proj_dim))
             self.criterion = NTXentLoss(temperature=m.temperature)

@@ -31,9 +31,11 @@ from .core import registry
 from .core.errors import UserError
 
 DATASET_CHOICES = ("digits", "cifar10", "cifar100", "stl10", "imagefolder")
-BACKBONE_CHOICES = ("auto", "tiny", "resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2")
+BACKBONE_CHOICES = ("auto", "tiny", "resnet18", "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "vit_tiny",
+                    "vit_small", "vit_base")
+VIT_CHOICES = ("vit_tiny", "vit_small", "vit_base")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-OPTIMIZER_CHOICES = ("sgd", "lars")
+OPTIMIZER_CHOICES = ("sgd", "lars", "adamw")
 RAMP_CHOICES = ("linear", "none")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
@@ -81,14 +83,24 @@ class AugConfig:
     blur_p: Optional[List[float]] = None  # Gaussian blur probability per view; None: the method's
     blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])  # blur sigma range (kernel ~10% of the side)
     solarize_p: Optional[List[float]] = None  # solarisation probability per view; None: the method's
+    # multi-crop (SwAV Sec. 3.2, DINO): small local crops besides the two global views
+    local_crops: int = 0  # local crops per image (DINO / SwAV: 6 or 8); 0: off
+    local_size: Optional[int] = None  # local crop side; None: 96/224 of image_size (DINO), a multiple of a ViT's patch
+    local_crop_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])  # local crop area (DINO)
+    local_blur_p: float = 0.5  # blur probability of a local crop (DINO)
+    local_solarize_p: float = 0.0  # solarisation probability of a local crop (DINO)
 
 
 @dataclass
 class ModelConfig:
     """The backbone and its layers (docs/guide/methods.md)."""
 
-    backbone: str = "auto"  # auto: tiny for digits, resnet18 otherwise | tiny | resnet18 | resnet34 | resnet50 | ...
-    small_images: Optional[bool] = None  # 3x3 stem, no max-pool; None: image_size <= 64
+    backbone: str = "auto"  # auto (digits: tiny, else resnet18) | tiny | resnet18 ... resnet101 | vit_tiny/small/base
+    small_images: Optional[bool] = None  # ResNets: 3x3 stem, no max-pool; None: image_size <= 64
+    patch_size: Optional[int] = None  # ViTs: patch side; None: 16 from 128 px up, else image_size / 8 (4 at 32 px)
+    pool: str = "cls"  # ViTs: the feature is the class token (cls, as DINO / MoCo v3) or the mean patch token (mean)
+    drop_path: float = 0.0  # ViTs: stochastic depth rate (DINO ViT-S: 0.1)
+    dynamic_img_size: bool = True  # ViTs: positional embeddings interpolated to the input size (eval at other sizes)
     channels_last: bool = False  # channels_last memory format (faster convolutions on recent GPUs)
     sync_bn: bool = False  # under DDP: SyncBatchNorm (BN statistics over the global batch)
     # BN statistics per group of the (local) batch; None: the method's (MoCo in one process: 8, the
@@ -133,14 +145,17 @@ class VmfConfig:
 class OptimConfig:
     """Optimiser and schedules: linear warm-up then cosine (schedules are functions of progress)."""
 
-    optimizer: str = "sgd"  # sgd | lars (large batches)
+    optimizer: str = "sgd"  # sgd | lars (large batches) | adamw (ViTs: decoupled weight decay)
     epochs: int = 15  # training length; sets the lr / momentum / SEC schedules
     max_steps: Optional[int] = None  # stop after this many optimiser steps (schedule unchanged)
     batch_size: int = 64  # per process
     lr: Optional[float] = None  # peak lr; None: base_lr x global batch / 128 (derived for each machine)
     base_lr: float = 0.06  # lr per 128 images of the global batch (MoCo CIFAR demo)
     momentum: float = 0.9  # SGD / LARS momentum
-    weight_decay: float = 5e-4  # on weights (norms and biases: see decay_norm_and_bias)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas (torch's default)
+    weight_decay: float = 5e-4  # on weights (norms and biases: see decay_norm_and_bias); the start of a wd schedule
+    weight_decay_end: Optional[float] = None  # cosine from weight_decay to this over training (DINO); None: constant
+    clip_grad: float = 0.0  # clip each parameter's gradient norm to this (DINO's clip_gradients); 0: off
     warmup_epochs: float = 1.0  # linear lr warm-up
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
     decay_norm_and_bias: bool = False  # weight decay on norm layers and biases too (the MoCo / lightly CIFAR code)
@@ -435,8 +450,17 @@ def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
            else "SimCLR augmentation: horizontal flip with p 0.5")
     small = c.data.image_size <= 64
     d.fill("model.small_images", small, f"data.image_size={c.data.image_size} {'<=' if small else '>'} 64")
+    if c.model.backbone in VIT_CHOICES:
+        # patch 16 at 224 px (the ViT paper); small images keep 8 x 8 patches as solo-learn's CIFAR ViTs (4 at 32 px)
+        d.fill("model.patch_size", 16 if c.data.image_size >= 128 else max(1, c.data.image_size // 8),
+               f"ViT at {c.data.image_size} px: " + ("patch 16" if c.data.image_size >= 128 else "8 x 8 patches"))
     if c.data.dataset == "imagefolder":
         d.fill("data.store_size", c.data.image_size, "data.image_size")
+    if c.aug.local_crops:
+        step = c.model.patch_size or 1
+        d.fill("aug.local_size", max(step, round(c.data.image_size * 96 / 224 / step) * step),
+               f"96/224 of {c.data.image_size} px (DINO's local crops)" + (f", a multiple of the patch {step}"
+                                                                            if step > 1 else ""))
     # from the method (cross-section defaults and its own checks)
     method_cls.configure(c, d)
     # from the machine
@@ -460,11 +484,27 @@ def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
         _check(all(0.0 <= p <= 1.0 for p in c.aug[key]), f"aug.{key}", "probabilities in [0, 1]")
     _check(0 < c.aug.crop_scale[0] <= c.aug.crop_scale[1] <= 1.0, "aug.crop_scale", "need 0 < min <= max <= 1")
     _check(0 < c.aug.crop_ratio[0] <= c.aug.crop_ratio[1], "aug.crop_ratio", "need 0 < min <= max")
+    _check(c.aug.local_crops >= 0, "aug.local_crops", "must be >= 0 (0 = no multi-crop)")
+    if c.aug.local_crops:
+        _check(len(c.aug.local_crop_scale) == 2 and 0 < c.aug.local_crop_scale[0] <= c.aug.local_crop_scale[1] <= 1,
+               "aug.local_crop_scale", "need 0 < min <= max <= 1")
+        _check(c.aug.local_size >= 4, "aug.local_size", "must be >= 4")
+        for key in ("local_blur_p", "local_solarize_p"):
+            _check(0.0 <= c.aug[key] <= 1.0, f"aug.{key}", "a probability in [0, 1]")
+        _check(method_cls.multi_crop, "aug.local_crops", f"{c.method.name} takes two views; multi-crop is for "
+               "the methods that take view groups (DINO, SwAV)")
     _check(0 <= c.aug.hue <= 0.5, "aug.hue", f"must be in [0, 0.5], got {c.aug.hue}")
     _check_choice("aug.hue_mode", c.aug.hue_mode, ("exact", "yiq"))
     for key in ("brightness", "contrast", "saturation"):
         _check(c.aug[key] >= 0, f"aug.{key}", "must be >= 0")
     _check(c.data.image_size >= 8, "data.image_size", "must be >= 8")
+    _check_choice("model.pool", c.model.pool, ("cls", "mean"))
+    _check(c.model.drop_path >= 0, "model.drop_path", "must be >= 0")
+    if c.model.backbone in VIT_CHOICES:
+        _check(c.model.patch_size >= 1 and c.data.image_size % c.model.patch_size == 0, "model.patch_size",
+               f"{c.model.patch_size} does not tile data.image_size={c.data.image_size}; choose a divisor of it")
+    else:
+        _check(c.model.patch_size is None, "model.patch_size", f"only ViTs have patches, not {c.model.backbone}")
     _check(c.data.root is None or c.data.dataset != "digits", "data.root",
            "the digits dataset is embedded in scikit-learn and reads no files, so --data-root would be ignored; "
            "drop it, or choose the dataset it holds with --dataset")
@@ -490,6 +530,10 @@ def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
     _check(0 <= c.optim.momentum < 1, "optim.momentum", f"SGD momentum must be in [0, 1), got {c.optim.momentum}")
     _check(0 <= c.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(c.optim.lars_eta > 0, "optim.lars_eta", "must be > 0")
+    _check(len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas), "optim.betas",
+           f"two values in [0, 1), got {list(c.optim.betas)}")
+    _check(c.optim.weight_decay_end is None or c.optim.weight_decay_end >= 0, "optim.weight_decay_end", "must be >= 0")
+    _check(c.optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 = off)")
     _check(0.0 < c.sec.ema <= 1.0, "sec.ema", f"rho must be in (0, 1] (1 = batch mean), got {c.sec.ema}")
     _check(c.sec.weight >= 0, "sec.weight", "must be >= 0")
     if c.see.enabled:
@@ -523,8 +567,8 @@ def request_of(cfg: DictConfig) -> Dict[str, Any]:
 def weight_keys(cfg: DictConfig) -> List[str]:
     """The config keys that shape a run's saved weights (and optimiser state): a resume may not
     change them. The method's own come from its class (``weight_keys``)."""
-    common = ["method.name", "model.backbone", "model.small_images", "sec.enabled", "vmf.enabled", "vmf.k",
-              "optim.decay_norm_and_bias"]  # the optimiser's parameter groups follow the last one
+    common = ["method.name", "model.backbone", "model.small_images", "model.patch_size", "model.pool", "sec.enabled",
+              "vmf.enabled", "vmf.k", "optim.decay_norm_and_bias"]  # the optimiser's parameter groups follow the last
     return common + [f"method.{k}" for k in _method_class(cfg.method.name).weight_keys]
 
 

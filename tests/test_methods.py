@@ -7,7 +7,7 @@ import torch
 
 from ssl_sphere.config import layered, resolve
 from ssl_sphere.core.registry import METHODS
-from ssl_sphere.core.schedules import cosine_momentum, lr_at
+from ssl_sphere.core.schedules import cosine_schedule, lr_at
 from ssl_sphere.engine.optim import build_optimizer
 from ssl_sphere.methods.base import StepOutput
 from ssl_sphere.models.ssl_model import build_model
@@ -78,16 +78,16 @@ def test_ema_update_formula():
     t_before = [p.clone() for p in m.encoder.target.parameters()]
     online = [p.clone() for p in m.encoder.online.parameters()]
     m.after_step(0.0)
-    mom = cosine_momentum(0.0, 0.99, 1.0)
+    mom = cosine_schedule(0.0, 0.99, 1.0)
     assert mom == pytest.approx(0.99)
     for t0, o, t1 in zip(t_before, online, m.encoder.target.parameters()):
         torch.testing.assert_close(t1, mom * t0 + (1 - mom) * o)
 
 
-def test_cosine_momentum_and_lr_schedule_are_pure_functions():
-    assert cosine_momentum(0.0, 0.99, 1.0) == pytest.approx(0.99)
-    assert cosine_momentum(1.0, 0.99, 1.0) == pytest.approx(1.0)
-    assert cosine_momentum(0.5, 0.99, 1.0) == pytest.approx(0.995)
+def test_cosine_schedule_and_lr_schedule_are_pure_functions():
+    assert cosine_schedule(0.0, 0.99, 1.0) == pytest.approx(0.99)
+    assert cosine_schedule(1.0, 0.99, 1.0) == pytest.approx(1.0)
+    assert cosine_schedule(0.5, 0.99, 1.0) == pytest.approx(0.995)
     assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
@@ -205,9 +205,9 @@ def test_sec_strength_is_relative_to_the_per_direction_loss(name, symmetric, dir
 
 
 def test_fixed_lr_modules_keep_the_peak_lr():
-    """A method's fixed_lr_modules (SimSiam's predictor) get groups of their own that set_lr keeps at
+    """A method's fixed_lr_modules (SimSiam's predictor) get groups of their own kept at
     the peak lr while the schedule moves the others; without any, the two groups as before."""
-    from ssl_sphere.engine.optim import set_lr
+    from ssl_sphere.engine.optim import set_hyperparameters
 
     cfg = make_cfg("byol")
     model = build_model(cfg)
@@ -218,5 +218,5 @@ def test_fixed_lr_modules_keep_the_peak_lr():
     pred = {id(p) for p in model.method.predictor.parameters()}
     assert fixed and {id(p) for g in fixed for p in g["params"]} == pred
     assert not pred & {id(p) for g in opt.param_groups if not g.get("fixed_lr") for p in g["params"]}
-    set_lr(opt, 0.001, 0.3)
+    set_hyperparameters(opt, 0.001, 0.3)
     assert {g["lr"] for g in fixed} == {0.3} and {g["lr"] for g in opt.param_groups if not g.get("fixed_lr")} == {0.001}

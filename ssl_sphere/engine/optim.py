@@ -1,6 +1,9 @@
-"""The optimiser and its parameter groups; the lr schedule itself is ssl_sphere.core.schedules.lr_at."""
+"""The optimiser, its parameter groups and the per-step hyper-parameters (lr, weight decay) and
+gradient clipping; the schedules themselves are ssl_sphere.core.schedules."""
 
 from __future__ import annotations
+
+from typing import Optional, Set
 
 import torch
 from lightly.models.utils import get_weight_decay_parameters
@@ -15,11 +18,14 @@ def build_optimizer(model: nn.Module, ocfg) -> torch.optim.Optimizer:
     code and lightly's CIFAR-10 benchmark do). Parameters that do not require grad (frozen or
     EMA targets) are left out. The parameters of the modules the method keeps at a fixed lr
     (``method.fixed_lr_modules()``, e.g. SimSiam's predictor) go into groups of their own, after
-    those two, marked ``fixed_lr`` (set_lr keeps them at the peak lr)."""
+    those two, marked ``fixed_lr`` (set_hyperparameters keeps them at the peak lr). A ViT's positional
+    embedding and tokens are not decayed either."""
     if ocfg.get("decay_norm_and_bias", False):
         decay, no_decay = list(model.parameters()), []
     else:
         decay, no_decay = get_weight_decay_parameters([model])
+        tokens = token_parameters(model)  # a ViT's positional embedding and class token: no decay either (DINO)
+        decay, no_decay = [p for p in decay if id(p) not in tokens], no_decay + [p for p in decay if id(p) in tokens]
     method = getattr(model, "method", None)
     fixed = {id(p) for m in (method.fixed_lr_modules() if method is not None else []) for p in m.parameters()}
     groups, fixed_groups = [], []
@@ -32,10 +38,43 @@ def build_optimizer(model: nn.Module, ocfg) -> torch.optim.Optimizer:
     if ocfg.optimizer == "lars":
         # LARS skips its trust ratio for groups with weight_decay 0 (norms, biases)
         return LARS(groups, lr=ocfg.lr, momentum=ocfg.momentum, trust_coefficient=ocfg.lars_eta)
+    if ocfg.optimizer == "adamw":
+        # decoupled weight decay (Loshchilov & Hutter 2019), the optimiser of the ViT recipes (DINO, MoCo v3)
+        return torch.optim.AdamW(groups, lr=ocfg.lr, betas=tuple(ocfg.betas))
     return torch.optim.SGD(groups, lr=ocfg.lr, momentum=ocfg.momentum)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float, peak: float) -> None:
-    """The scheduled lr on every group, the peak lr on the groups marked fixed_lr."""
+def token_parameters(model: nn.Module) -> Set[int]:
+    """ids of the parameters that a submodule lists in ``no_weight_decay()`` (timm's ViTs: pos_embed,
+    cls_token, ...): embeddings, not weights, kept out of weight decay."""
+    out: Set[int] = set()
+    for prefix, module in model.named_modules():
+        names = module.no_weight_decay() if callable(getattr(module, "no_weight_decay", None)) else ()
+        params = dict(module.named_parameters())
+        out |= {id(params[n]) for n in names if n in params}
+    return out
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, peak: float,
+                        weight_decay: Optional[float] = None) -> None:
+    """The scheduled lr on every group (the peak lr on the groups marked fixed_lr), and with
+    ``weight_decay`` the scheduled weight decay on the groups that have any."""
     for group in optimizer.param_groups:
         group["lr"] = peak if group.get("fixed_lr") else lr
+        if weight_decay is not None and group["weight_decay"] > 0:
+            group["weight_decay"] = weight_decay
+
+
+@torch.no_grad()
+def clip_gradients(parameters, max_norm: float) -> None:
+    """Scale each parameter's gradient down to a norm of at most max_norm (DINO's utils.clip_gradients:
+    per parameter, not the global norm of torch.nn.utils.clip_grad_norm_), in foreach kernels."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    scale = torch._foreach_add(norms, 1e-6)
+    torch._foreach_reciprocal_(scale)
+    torch._foreach_mul_(scale, max_norm)
+    torch._foreach_clamp_max_(scale, 1.0)
+    torch._foreach_mul_(grads, scale)

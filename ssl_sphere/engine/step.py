@@ -9,11 +9,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..augment.views import Augmenter
-from ..core.schedules import lr_at
+from ..core.schedules import cosine_schedule, lr_at
 from ..data.loader import Prefetcher
 from ..methods import Method
 from .device import bf16_enabled
-from .optim import set_lr
+from .optim import clip_gradients, set_hyperparameters
 
 
 def place_images(images: torch.Tensor, cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, bool]:
@@ -76,8 +76,11 @@ class TrainStep:
         logs, the method's StepOutput, lr)."""
         cfg, device, optimizer = self.cfg, self.device, self.optimizer
         mark = mark or (lambda name: None)
-        lr = lr_at(step, self.total, self.warmup, cfg.optim.lr, cfg.optim.min_lr_ratio)
-        set_lr(optimizer, lr, cfg.optim.lr)
+        o = cfg.optim
+        lr = lr_at(step, self.total, self.warmup, o.lr, o.min_lr_ratio)
+        wd = None if o.get("weight_decay_end") is None else cosine_schedule(step / self.total, o.weight_decay,
+                                                                             o.weight_decay_end)
+        set_hyperparameters(optimizer, lr, o.lr, wd)
         idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
         x = self.batch(idx_dev, x)
         mark("batch_index")
@@ -92,6 +95,8 @@ class TrainStep:
         loss.backward()
         mark("backward")
         self.method.before_optimizer_step()
+        if o.get("clip_grad"):
+            clip_gradients(self.forward.parameters(), o.clip_grad)
         optimizer.step()
         mark("optimizer")
         self.method.after_step((step + 1) / self.total)

@@ -31,7 +31,7 @@ from lightly.models.utils import update_momentum as lightly_update_momentum
 from torch import nn
 
 from ..core import registry
-from ..core.schedules import cosine_momentum
+from ..core.schedules import cosine_schedule
 from ..sphere.see import check_see_dim
 
 
@@ -84,6 +84,7 @@ class Method(nn.Module):
     sec_target: ClassVar[str] = ""
     see_unsupported: ClassVar[Optional[str]] = "this method does not implement it"
     embedding_dim_key: ClassVar[str] = "proj_dim"  # the key of its section giving the embeddings' dimension
+    multi_crop: ClassVar[bool] = False  # whether forward takes local crops after the two global views
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg, see=None):
         super().__init__()
@@ -162,7 +163,7 @@ class Method(nn.Module):
         return None
 
     def momentum_at(self, progress: float) -> float:
-        return cosine_momentum(progress, self.cfg.momentum, self.cfg.momentum_final)
+        return cosine_schedule(progress, self.cfg.momentum, self.cfg.momentum_final)
 
     def after_step(self, progress: float) -> None:
         """Called after each optimiser step with training progress in [0, 1]: records it and

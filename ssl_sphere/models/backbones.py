@@ -1,9 +1,9 @@
-"""Backbones: torchvision ResNets (optionally with the small-image stem), a tiny CPU
-convnet for smoke runs and tests, and the split BatchNorm of single-process MoCo."""
+"""Backbones: torchvision ResNets (optionally with the small-image stem), timm Vision Transformers,
+a tiny CPU convnet for smoke runs and tests, and the split BatchNorm of single-process MoCo."""
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,20 +33,51 @@ def tiny_convnet(width: int = 64) -> Tuple[nn.Module, int]:
     return net, 2 * width
 
 
-def build_backbone(name: str, small_images: bool) -> Tuple[nn.Module, int]:
+#: --backbone name -> timm's model (patch 16 at 224 px; img_size and patch_size are set per run)
+VITS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+
+
+def vit_spec(name: str, image_size: int, patch_size: int, pool: str = "cls", drop_path: float = 0.0,
+             dynamic_img_size: bool = True) -> Tuple[str, Dict[str, Any]]:
+    """(timm model name, kwargs) of a ViT backbone: ``timm.create_model(name, num_classes=0, **kwargs)``
+    builds it (what export records, so the source library rebuilds the exported backbone).
+    pool: 'cls' (the class token, as DINO / MoCo v3) | 'mean' (mean of the patch tokens, timm's
+    'avg', with its norm after pooling); dynamic_img_size: positional embeddings interpolated
+    (bicubic, timm) to any input size, e.g. an evaluation at another size than training."""
+    kwargs = {"img_size": image_size, "patch_size": patch_size, "global_pool": {"cls": "token", "mean": "avg"}[pool],
+              "drop_path_rate": drop_path, "dynamic_img_size": dynamic_img_size}
+    return VITS[name], kwargs
+
+
+def build_vit(name: str, **spec) -> Tuple[nn.Module, int]:
+    """A timm Vision Transformer without classifier: (B, 3, H, W) -> (B, embed_dim). From timm, the
+    zoo lightly and solo-learn build their ViTs from (torchvision's VisionTransformer has no drop
+    path, no mean pooling, no positional-embedding interpolation at other input sizes)."""
+    import timm
+
+    timm_name, kwargs = vit_spec(name, **spec)
+    net = timm.create_model(timm_name, pretrained=False, num_classes=0, **kwargs)
+    return net, net.num_features
+
+
+def build_backbone(name: str, small_images: bool = False, **vit) -> Tuple[nn.Module, int]:
     """Returns (module mapping (B, 3, H, W) -> (B, F), F).
 
     small_images: replace the ImageNet stem (7x7 stride-2 conv + max-pool) by a
     3x3 stride-1 conv and no pool, the standard CIFAR adaptation (SimCLR
-    Appendix B.9)."""
+    Appendix B.9). vit: image_size, patch_size, pool, drop_path, dynamic_img_size for the
+    ViTs (vit_spec)."""
     if name == "tiny":
         return tiny_convnet()
+    if name in VITS:
+        return build_vit(name, **vit)
     try:
         net = torchvision.models.get_model(name, weights=None)
     except ValueError:
-        raise ValueError(f"unknown backbone {name!r}; try tiny, resnet18, resnet34, resnet50, ...") from None
+        raise ValueError(f"unknown backbone {name!r}; try tiny, resnet18, resnet34, resnet50, vit_small, ...") from None
     if not isinstance(net, torchvision.models.ResNet):
-        raise ValueError(f"backbone {name!r} is not a ResNet; only ResNets and 'tiny' are supported")
+        raise ValueError(f"backbone {name!r} is not a ResNet; only ResNets, ViTs ({', '.join(VITS)}) and 'tiny' "
+                         "are supported")
     if small_images:
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
         net.maxpool = nn.Identity()
@@ -112,3 +143,16 @@ def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
         else:
             split_batchnorm(child, num_splits)
     return module
+
+
+def backbone_of(model_cfg, image_size: int) -> Tuple[nn.Module, int]:
+    """The backbone of a resolved config's model section at ``image_size``."""
+    return build_backbone(model_cfg.backbone, bool(model_cfg.small_images), **vit_options(model_cfg, image_size))
+
+
+def vit_options(model_cfg, image_size: int) -> Dict[str, Any]:
+    """The ViT options of a model config section (empty for the other backbones)."""
+    if model_cfg.backbone not in VITS:
+        return {}
+    return {"image_size": image_size, "patch_size": model_cfg.patch_size, "pool": model_cfg.pool,
+            "drop_path": model_cfg.drop_path, "dynamic_img_size": model_cfg.dynamic_img_size}

@@ -15,6 +15,7 @@ from torch import nn
 from ..augment.ops import eval_transform
 from ..config import ConfigError, from_container
 from ..core import checkpoint
+from .backbones import VITS, vit_options, vit_spec
 from .ssl_model import model_from_checkpoint
 
 PARTS = ("backbone", "momentum_backbone", "model")
@@ -101,11 +102,26 @@ def backbone_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
 
 
+def source_model(cfg) -> Dict[str, Any]:
+    """How the source library rebuilds a run's backbone, for the export's JSON: ``library`` (timm |
+    torchvision | ssl_sphere), ``name`` and ``kwargs``: ``timm.create_model(name, num_classes=0, **kwargs)``
+    for a ViT; ``torchvision.models.get_model(name, **kwargs)`` for a ResNet, then ``fc`` replaced by
+    ``nn.Identity()`` and, with ``small_images``, the 3x3 stride-1 stem without max-pool."""
+    name = cfg.model.backbone
+    if name in VITS:
+        timm_name, kwargs = vit_spec(name, **vit_options(cfg.model, int(cfg.data.image_size)))
+        return {"library": "timm", "name": timm_name, "kwargs": kwargs}
+    if name == "tiny":
+        return {"library": "ssl_sphere", "name": "tiny", "kwargs": {}}
+    return {"library": "torchvision", "name": name, "kwargs": {"weights": None}}
+
+
 def export(checkpoint_path: str, out: str, part: str = "backbone") -> dict:
     """Write the backbone of ``checkpoint_path`` to ``out`` (+ its .json); returns the metadata."""
     p = load_pretrained(checkpoint_path, part=part)
     state = backbone_state_dict(p.module)
-    meta = {"arch": p.arch, "small_images": p.small_images, "image_size": p.image_size, "mean": list(p.mean),
+    meta = {**source_model(from_container(p.config)), "arch": p.arch, "small_images": p.small_images,
+            "image_size": p.image_size, "mean": list(p.mean),
             "std": list(p.std), "feature_dim": p.feature_dim, "part": part, "method": p.config["method"]["name"],
             "checkpoint": os.path.abspath(checkpoint_path), "step": p.step,
             "values": sum(t.numel() for t in state.values())}

@@ -17,7 +17,7 @@ from ..methods import Method, build_method
 from ..sphere.sec import SEC
 from ..sphere.stats import norm_stats
 from ..sphere.vmf import VMF
-from .backbones import build_backbone, split_batchnorm
+from .backbones import backbone_of, split_batchnorm
 
 
 class SSLModel(nn.Module):
@@ -54,7 +54,7 @@ def build_model(cfg: DictConfig, n_train: int = 0, device: Union[str, torch.devi
     """The model of a resolved config. n_train: training-set size (vMF keeps one pseudo-label
     per image). With ``device``: moved there, SyncBatchNorm across ``world`` > 1 ranks if
     model.sync_bn, and in channels_last memory format if model.channels_last."""
-    backbone, fdim = build_backbone(cfg.model.backbone, cfg.model.small_images)
+    backbone, fdim = backbone_of(cfg.model, cfg.data.image_size)
     if (cfg.model.get("split_bn") or 1) > 1:  # None in checkpoints from before split BN
         split_batchnorm(backbone, cfg.model.split_bn)  # before the method copies it into its EMA encoder
     method = build_method(cfg.method, backbone, fdim, cfg.see)
