@@ -14,7 +14,10 @@ from ssl_sphere.models.ssl_model import build_model
 
 
 def make_cfg(method, **over):
-    small = {"moco": {"method.queue_size": 64}, "byol": {"method.pred_hidden_dim": 64}}.get(method, {})
+    small = {"moco": {"method.queue_size": 64}, "byol": {"method.pred_hidden_dim": 64},
+             "simsiam": {"method.proj_dim": 32, "method.pred_hidden_dim": 16},
+             "mocov3": {"method.pred_hidden_dim": 64}, "nnclr": {"method.pred_hidden_dim": 64, "method.queue_size": 64},
+             "dino": {"method.out_dim": 64}, "swav": {"method.n_prototypes": 64}}.get(method, {})
     return resolve(layered(values={"method.name": method, "method.proj_hidden_dim": 64, **small,
                                    "optim.batch_size": 8, "sec.enabled": True, **over}))
 
@@ -45,7 +48,7 @@ def test_forward_backward_after_step(name):
     opt.step()
     model.method.after_step(0.5)
     after = model.state_dict()
-    if name in ("moco", "byol"):
+    if model.method.momentum_pairs():  # moco, byol, mocov3, dino
         target = model.method.encoder.target
         assert all(not p.requires_grad and p.grad is None for p in target.parameters())
         moved = [k for k in after if "encoder.target" in k and "weight" in k and not torch.equal(before[k], after[k])]
@@ -185,7 +188,8 @@ def test_split_bn_default_and_single_process_key_shuffle():
 
 
 @pytest.mark.parametrize("name,symmetric,directions", [("simclr", True, 1), ("moco", True, 2), ("moco", False, 1),
-                                                        ("byol", True, 2)])
+                                                        ("byol", True, 2), ("simsiam", True, 1), ("mocov3", True, 2),
+                                                        ("nnclr", True, 1), ("dino", True, 1), ("swav", True, 1)])
 def test_sec_strength_is_relative_to_the_per_direction_loss(name, symmetric, directions):
     """total = L_method + D * eta * L_sec with D the directions L_method sums: relative to the
     per-direction mean loss L_method / D, SEC's gradient has the same scale eta for every method."""

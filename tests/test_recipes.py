@@ -18,6 +18,14 @@ LIGHTLY = "lightly's CIFAR-10 benchmark (cifar10_benchmark.py)"
 SIMCLR = "SimCLR, Appendix B.9"
 BYOL = "BYOL, Sec. 3.3 / Table 6"
 MOCOV2 = "MoCo v2 paper and main_moco.py"
+SIMSIAM = "SimSiam, Sec. 3 / 4.2 / Appendix D and main_simsiam.py"
+SOLO_SIMSIAM = "solo-learn scripts/pretrain/cifar/simsiam.yaml"
+V3 = "MoCo v3 reference code (facebookresearch/moco-v3: main_moco.py, moco/builder.py, moco/optimizer.py)"
+SOLO_V3 = "solo-learn's CIFAR MoCo v3 recipe (scripts/pretrain/cifar/mocov3.yaml, augmentations/asymmetric.yaml)"
+SOLO_SWAV = "solo-learn's CIFAR recipe (scripts/pretrain/cifar/swav.yaml) and its defaults"
+NNCLR = "NNCLR (Dwibedi et al. 2021), implementation details; BYOL's augmentations (BYOL Table 6)"
+SOLO_NNCLR = "solo-learn's CIFAR recipe (scripts/pretrain/cifar/nnclr.yaml, augmentations/asymmetric.yaml)"
+DINO = "DINO, Sec. 3.1 / 3.2 and main_dino.py"
 
 CIFAR_MOCO = [
     ("model.small_images", True, DEMO), ("model.split_bn", 8, DEMO), ("aug.crop_scale", [0.08, 1.0], DEMO),
@@ -57,11 +65,78 @@ IMAGENET100_MOCO = [
     ("optim.decay_norm_and_bias", True, MOCOV2), ("optim.warmup_epochs", 0, MOCOV2),
 ]
 
+CIFAR_SIMSIAM = [
+    ("model.small_images", True, SIMSIAM), ("aug.crop_scale", [0.08, 1.0], LIGHTLY),
+    ("aug.crop_scale", [0.08, 1.0], SOLO_SIMSIAM), ("aug.brightness", 0.4, SIMSIAM), ("aug.contrast", 0.4, SIMSIAM),
+    ("aug.saturation", 0.4, SIMSIAM), ("aug.hue", 0.1, SIMSIAM), ("aug.jitter_p", 0.8, SIMSIAM),
+    ("aug.grayscale_p", 0.2, SIMSIAM), ("aug.hflip_p", 0.5, SIMSIAM), ("aug.blur_p", [0.0, 0.0], SIMSIAM),
+    ("aug.solarize_p", [0.0, 0.0], SIMSIAM), ("optim.optimizer", "sgd", SIMSIAM), ("optim.epochs", 200, LIGHTLY),
+    ("optim.batch_size", 512, SIMSIAM), ("optim.base_lr", 0.015, SIMSIAM), ("optim.lr", 0.03 * 512 / 256, SIMSIAM),
+    ("optim.lr", 0.06, LIGHTLY), ("optim.momentum", 0.9, SIMSIAM), ("optim.weight_decay", 5e-4, SIMSIAM),
+    ("optim.decay_norm_and_bias", True, SIMSIAM), ("optim.warmup_epochs", 0, SIMSIAM),
+    ("optim.min_lr_ratio", 0.0, SIMSIAM), ("method.proj_hidden_dim", 2048, SIMSIAM),
+    ("method.proj_dim", 2048, SIMSIAM), ("method.proj_layers", 2, SIMSIAM), ("method.pred_hidden_dim", 512, SIMSIAM),
+    ("method.fix_pred_lr", True, SIMSIAM), ("method.proj_hidden_dim", 2048, SOLO_SIMSIAM),
+    ("method.proj_dim", 2048, SOLO_SIMSIAM), ("method.pred_hidden_dim", 512, SOLO_SIMSIAM),
+]
+CIFAR_MOCOV3 = [
+    ("model.backbone", "resnet18", SOLO_V3), ("model.small_images", True, SOLO_V3), ("model.sync_bn", True, V3),
+    ("aug.crop_scale", [0.08, 1.0], V3), ("aug.brightness", 0.4, V3), ("aug.contrast", 0.4, V3),
+    ("aug.saturation", 0.2, V3), ("aug.hue", 0.1, V3), ("aug.jitter_p", 0.8, V3), ("aug.grayscale_p", 0.2, V3),
+    ("aug.blur_p", [0.0, 0.0], SOLO_V3), ("aug.solarize_p", [0.0, 0.2], V3),
+    ("optim.optimizer", "lars", V3), ("optim.epochs", 200, LIGHTLY), ("optim.batch_size", 512, LIGHTLY),
+    ("optim.base_lr", 0.15, SOLO_V3), ("optim.lr", 0.3 * 512 / 256, SOLO_V3), ("optim.momentum", 0.9, V3),
+    ("optim.weight_decay", 1e-6, V3),
+    ("optim.decay_norm_and_bias", False, V3), ("optim.lars_eta", 0.02, SOLO_V3), ("optim.warmup_epochs", 10, V3),
+    ("method.temperature", 0.2, SOLO_V3), ("method.proj_hidden_dim", 4096, V3), ("method.proj_dim", 256, V3),
+    ("method.pred_hidden_dim", 4096, V3), ("method.proj_layers", 2, V3), ("method.momentum", 0.99, V3),
+    ("method.momentum_final", 1.0, V3),
+]
+CIFAR_SWAV = [
+    ("model.small_images", True, LIGHTLY), ("aug.crop_scale", [0.14, 1.0], LIGHTLY),
+    ("aug.brightness", 0.8, LIGHTLY), ("aug.contrast", 0.8, LIGHTLY), ("aug.saturation", 0.8, LIGHTLY),
+    ("aug.hue", 0.2, LIGHTLY), ("aug.jitter_p", 0.8, LIGHTLY), ("aug.grayscale_p", 0.2, LIGHTLY),
+    ("aug.hflip_p", 0.5, LIGHTLY), ("aug.blur_p", [0.0, 0.0], LIGHTLY), ("optim.epochs", 200, LIGHTLY),
+    ("optim.optimizer", "lars", SOLO_SWAV), ("optim.batch_size", 512, LIGHTLY), ("optim.base_lr", 0.3, SOLO_SWAV),
+    ("optim.lr", 0.6 * 512 / 256, SOLO_SWAV),
+    ("optim.momentum", 0.9, SOLO_SWAV), ("optim.weight_decay", 1e-6, SOLO_SWAV),
+    ("optim.decay_norm_and_bias", False, SOLO_SWAV), ("optim.lars_eta", 0.02, SOLO_SWAV),
+    ("optim.warmup_epochs", 10, SOLO_SWAV), ("optim.min_lr_ratio", 0.0, SOLO_SWAV),
+    ("method.temperature", 0.1, SOLO_SWAV), ("method.proj_hidden_dim", 2048, SOLO_SWAV),
+    ("method.proj_dim", 128, SOLO_SWAV), ("method.n_prototypes", 3000, SOLO_SWAV),
+    ("method.sinkhorn_iterations", 3, SOLO_SWAV), ("method.epsilon", 0.05, SOLO_SWAV),
+    ("method.queue_size", 3840, SOLO_SWAV), ("method.queue_start_epoch", 50, SOLO_SWAV),
+    ("method.freeze_prototypes_epochs", 2, SOLO_SWAV),
+]
+CIFAR_NNCLR = LIGHTLY_OPTIM + [
+    ("aug.crop_scale", [0.08, 1.0], NNCLR), ("aug.brightness", 0.4, NNCLR), ("aug.contrast", 0.4, NNCLR),
+    ("aug.saturation", 0.2, NNCLR), ("aug.hue", 0.1, NNCLR), ("aug.jitter_p", 0.8, NNCLR),
+    ("aug.grayscale_p", 0.2, NNCLR), ("aug.solarize_p", [0.0, 0.2], NNCLR), ("aug.blur_p", [0.0, 0.0], SOLO_NNCLR),
+    ("method.temperature", 0.1, NNCLR), ("method.proj_hidden_dim", 2048, NNCLR), ("method.proj_dim", 256, NNCLR),
+    ("method.pred_hidden_dim", 4096, NNCLR), ("method.queue_size", 8192, LIGHTLY),
+]
+CIFAR_DINO = LIGHTLY_OPTIM + [
+    ("aug.crop_scale", [0.4, 1.0], LIGHTLY), ("aug.brightness", 0.4, LIGHTLY), ("aug.contrast", 0.4, LIGHTLY),
+    ("aug.saturation", 0.2, LIGHTLY), ("aug.hue", 0.1, LIGHTLY), ("aug.jitter_p", 0.8, LIGHTLY),
+    ("aug.grayscale_p", 0.2, LIGHTLY), ("aug.hflip_p", 0.5, LIGHTLY), ("aug.blur_p", [0.0, 0.0], LIGHTLY),
+    ("aug.solarize_p", [0.0, 0.2], LIGHTLY),
+    ("method.proj_hidden_dim", 2048, LIGHTLY), ("method.proj_dim", 256, LIGHTLY), ("method.out_dim", 2048, LIGHTLY),
+    ("method.batch_norm", True, LIGHTLY), ("method.norm_last_layer", True, LIGHTLY),
+    ("method.student_temp", 0.1, LIGHTLY), ("method.center_momentum", 0.9, LIGHTLY), ("method.momentum", 0.99, LIGHTLY),
+    ("method.momentum_final", 1.0, DINO), ("method.freeze_last_layer", 1, DINO), ("method.teacher_temp", 0.07, DINO),
+    ("method.warmup_teacher_temp", 0.04, DINO), ("method.warmup_teacher_temp_epochs", 30, DINO),
+]
+
 TABLE = {
     "cifar10/moco.yaml": CIFAR_MOCO, "cifar10/moco_sec.yaml": CIFAR_MOCO,
     "cifar10/simclr.yaml": CIFAR_SIMCLR, "cifar10/simclr_sec.yaml": CIFAR_SIMCLR,
     "cifar10/byol.yaml": CIFAR_BYOL, "cifar10/byol_sec.yaml": CIFAR_BYOL,
     "imagenet100/moco_sec.yaml": IMAGENET100_MOCO,
+    "cifar10/simsiam.yaml": CIFAR_SIMSIAM, "cifar10/simsiam_sec.yaml": CIFAR_SIMSIAM,
+    "cifar10/mocov3.yaml": CIFAR_MOCOV3, "cifar10/mocov3_sec.yaml": CIFAR_MOCOV3,
+    "cifar10/swav.yaml": CIFAR_SWAV, "cifar10/swav_sec.yaml": CIFAR_SWAV,
+    "cifar10/nnclr.yaml": CIFAR_NNCLR, "cifar10/nnclr_sec.yaml": CIFAR_NNCLR,
+    "cifar10/dino.yaml": CIFAR_DINO, "cifar10/dino_sec.yaml": CIFAR_DINO,
 }
 # values a recipe marks as this project's own ([ours] in the YAML, with the reason there)
 OURS = {

@@ -116,7 +116,7 @@ def test_see_moco_never_uses_own_instance_as_negative():
     other = 1 - own
     qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
     torch.manual_seed(1)
-    synth = see_expand(qn, kn, 4)[own]
+    synth = see_expand(qn[[own]], kn[[own]], 4)[0]  # only the expanded pair's points are drawn
     t = cfg.method.temperature
     logits = torch.cat([(qn[other] @ kn[other])[None], qn[other] @ synth.T]) / t
     expected = -(logits[0] - torch.logsumexp(logits, 0)) / 2  # mean over the 2 queries; own term is 0

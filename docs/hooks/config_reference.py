@@ -84,8 +84,9 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def _cell(text: str) -> str:
-    """Plain text for a markdown table cell: no HTML, no column breaks."""
-    return html.escape(text, quote=False).replace("|", "\\|") or "–"
+    """Plain text for a markdown table cell: no HTML, no column breaks, no link syntax (a source tag such
+    as [lightly] next to [solo] would read as a reference link)."""
+    return html.escape(text, quote=False).replace("|", "\\|").replace("[", "&#91;").replace("]", "&#93;") or "–"
 
 
 def section_table(name: str, cls) -> str:

@@ -14,6 +14,21 @@ from . import moco  # noqa: F401
 from . import byol  # noqa: F401
 
 # isort: split
+from . import simsiam  # noqa: F401
+
+# isort: split
+from . import mocov3  # noqa: F401
+
+# isort: split
+from . import nnclr  # noqa: F401
+
+# isort: split
+from . import dino  # noqa: F401
+
+# isort: split
+from . import swav  # noqa: F401
+
+# isort: split
 from .base import EMAPair, Method, MomentumMethod, StepOutput, get, names, register, update_momentum
 
 __all__ = ["EMAPair", "Method", "MomentumMethod", "StepOutput", "build_method", "get", "names", "register",

@@ -62,6 +62,16 @@ def check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"invalid value for '{key}': {message}")
 
 
+def asymmetric_views(cfg, d, who: str, blur_small: bool = False) -> None:
+    """Fill BYOL's asymmetric views (BYOL Table 6: blur 1.0 / 0.1, solarisation 0 / 0.2), the views of
+    the methods that adopted them (MoCo v3, NNCLR). blur_small: blur images of 64 px or less too (BYOL's
+    own default); else the base's rule leaves them without blur (SimCLR Appendix B.9, as solo-learn's
+    CIFAR recipes)."""
+    if blur_small or cfg.data.image_size > 64:
+        d.fill("aug.blur_p", [1.0, 0.1], f"{who}: BYOL's asymmetric views (BYOL Table 6)")
+    d.fill("aug.solarize_p", [0.0, 0.2], f"{who}: BYOL's asymmetric views (BYOL Table 6)")
+
+
 @dataclass
 class StepOutput:
     """loss: () the method's own loss; embeddings: (V*B, D) the RAW outputs its loss normalises,
@@ -85,6 +95,7 @@ class Method(nn.Module):
     see_unsupported: ClassVar[Optional[str]] = "this method does not implement it"
     embedding_dim_key: ClassVar[str] = "proj_dim"  # the key of its section giving the embeddings' dimension
     multi_crop: ClassVar[bool] = False  # whether forward takes local crops after the two global views
+    base_lr: ClassVar[float] = 0.06  # its default optim.base_lr (lr per 128 images): MoCo's CIFAR demo, 0.06 x B / 128
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg, see=None):
         super().__init__()

@@ -10,7 +10,7 @@ import torch
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
-from .base import EMAPair, MomentumMethod, StepOutput, register
+from .base import EMAPair, MomentumMethod, StepOutput, asymmetric_views, register
 from .losses import byol_regression
 
 
@@ -36,9 +36,7 @@ class BYOL(MomentumMethod):
 
     @classmethod
     def configure(cls, cfg, d) -> None:
-        # BYOL's asymmetric views (Table 6): blur 1.0 / 0.1, solarisation 0 / 0.2
-        d.fill("aug.blur_p", [1.0, 0.1], "BYOL Table 6: asymmetric views")
-        d.fill("aug.solarize_p", [0.0, 0.2], "BYOL Table 6: asymmetric views")
+        asymmetric_views(cfg, d, "BYOL", blur_small=True)
         super().configure(cfg, d)
 
     def __init__(self, backbone, feature_dim, cfg, see=None):

@@ -88,24 +88,43 @@ def info_nce_masked(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t
 
 
 # ----------------------------------------------------------------------------- SEE (Le, Woo, PAKDD 2024)
+@torch.no_grad()
+def see_points(q: torch.Tensor, k: torch.Tensor, n: int, fraction: float):
+    """SEE's synthetic negatives around keys (MoCo-style methods): n points on the ring of each
+    confident pair's cosine around its key (anchor = key, z = the detached query), for the
+    ceil(fraction * B) most confident pairs. q, k: (B, D) raw queries and their positive keys.
+    Returns (points (C*n, D) unit, detached; valid (B, C*n): False where a point is the query's own
+    instance's, which must not count as its negative)."""
+    qn, kn = F.normalize(q.detach().float(), dim=1), F.normalize(k.float(), dim=1)
+    chosen = see_select((qn * kn).sum(1), fraction)
+    points = see_expand(qn[chosen], kn[chosen], n).reshape(-1, qn.shape[1])
+    owner = chosen.repeat_interleave(n)
+    return points, owner[None, :] != torch.arange(q.shape[0], device=q.device)[:, None]
+
+
+@torch.no_grad()
+def see_prototype_points(z: torch.Tensor, anchors: torch.Tensor, n: int, fraction: float):
+    """SEE around prototypes (DINO, SwAV: the prototypes are SEE's proxies): n synthetic unit points
+    on the ring of each confident sample's cosine to its own prototype (anchor), for the ceil(fraction
+    * B) samples closest to theirs; detached, so they train only what classifies them (the prototypes).
+
+    z: (B, D) raw embeddings; anchors: (B, D) unit prototype of each sample. Returns (points (k*n, D)
+    unit, detached; chosen (k,) the expanded samples, whose targets the points take, each n times)."""
+    zs = F.normalize(z.detach().float(), dim=1)
+    chosen = see_select((zs * anchors).sum(1), fraction)
+    return see_expand(zs[chosen], anchors[chosen], n).reshape(-1, zs.shape[1]), chosen
+
+
 def see_negatives_loss(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, n: int, fraction: float,
                        temperature: float) -> torch.Tensor:
-    """SEE as extra negatives (MoCo-style methods): InfoNCE whose negatives are ``negatives`` plus
-    synthetic points built around the keys of the most confident pairs (anchor = key, z = detached
-    query); a query never sees the points of its own instance.
+    """SEE as extra negatives (MoCo v2): InfoNCE whose negatives are ``negatives`` (the queue) plus
+    the synthetic points of see_points; a query never sees the points of its own instance.
 
     q: (B, D) raw queries; k: (B, D) their positive keys (no grad); negatives: (K, D); n synthetic
     points per expanded pair; fraction: share of the B pairs expanded (the most confident)."""
-    b = q.shape[0]
-    with torch.no_grad():
-        qn, kn = F.normalize(q.detach().float(), dim=1), F.normalize(k.float(), dim=1)
-        chosen = torch.zeros(b, dtype=torch.bool, device=q.device)
-        chosen[see_select((qn * kn).sum(1), fraction)] = True
-        synth = see_expand(qn, kn, n).reshape(b * n, -1)  # (B*n, D), detached
-        owner = torch.arange(b, device=q.device).repeat_interleave(n)
-        valid = (owner[None, :] != torch.arange(b, device=q.device)[:, None]) & chosen[owner][None, :]
-        valid = torch.cat([torch.ones(b, negatives.shape[0], dtype=torch.bool, device=q.device), valid], 1)
-    return info_nce_masked(q, k, torch.cat([negatives.float(), synth]), temperature, valid)
+    points, valid = see_points(q, k, n, fraction)
+    valid = torch.cat([torch.ones(q.shape[0], negatives.shape[0], dtype=torch.bool, device=q.device), valid], 1)
+    return info_nce_masked(q, k, torch.cat([negatives.float(), points]), temperature, valid)
 
 
 @float32
