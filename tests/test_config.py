@@ -116,7 +116,10 @@ def test_every_recipe_loads_and_validates(path):
     if path.stem.endswith("_sec"):
         assert cfg.sec.enabled
     if path.parent.name == "cifar10":
-        assert cfg.model.backbone == "resnet18" and cfg.model.small_images
+        if path.stem.endswith("_vit"):  # the ViT recipes: a ViT-Tiny with 4 x 4 patches
+            assert cfg.model.backbone == "vit_tiny" and cfg.model.patch_size == 4
+        else:
+            assert cfg.model.backbone == "resnet18" and cfg.model.small_images
         assert cfg.optim.epochs == 200 and cfg.optim.batch_size == 512
     # the saved form round-trips
     again = C.from_container(C.to_container(cfg))

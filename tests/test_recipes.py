@@ -26,6 +26,9 @@ SOLO_SWAV = "solo-learn's CIFAR recipe (scripts/pretrain/cifar/swav.yaml) and it
 NNCLR = "NNCLR (Dwibedi et al. 2021), implementation details; BYOL's augmentations (BYOL Table 6)"
 SOLO_NNCLR = "solo-learn's CIFAR recipe (scripts/pretrain/cifar/nnclr.yaml, augmentations/asymmetric.yaml)"
 DINO = "DINO, Sec. 3.1 / 3.2 and main_dino.py"
+V3_VIT = "MoCo v3 reference code, CONFIG.md ViT-Small (adamw, lr 1.5e-4 / 256, wd 0.1, 40 warm-up, stop-grad-conv1)"
+DINO_VIT = "DINO main_dino.py ViT-S/16 defaults (lr 0.0005 / 256, min_lr 1e-6, wd 0.04 -> 0.4, clip 3, 8 local crops)"
+SOLO_VIT = "solo-learn's CIFAR ViTs (4 x 4 patches at 32 px)"
 
 CIFAR_MOCO = [
     ("model.small_images", True, DEMO), ("model.split_bn", 8, DEMO), ("aug.crop_scale", [0.08, 1.0], DEMO),
@@ -126,6 +129,48 @@ CIFAR_DINO = LIGHTLY_OPTIM + [
     ("method.momentum_final", 1.0, DINO), ("method.freeze_last_layer", 1, DINO), ("method.teacher_temp", 0.07, DINO),
     ("method.warmup_teacher_temp", 0.04, DINO), ("method.warmup_teacher_temp_epochs", 30, DINO),
 ]
+VIT_V3 = [
+    ("model.pool", "cls", V3_VIT), ("aug.crop_scale", [0.08, 1.0], V3_VIT), ("aug.saturation", 0.2, V3_VIT),
+    ("aug.solarize_p", [0.0, 0.2], V3_VIT), ("optim.optimizer", "adamw", V3_VIT), ("optim.base_lr", 7.5e-5, V3_VIT),
+    ("optim.weight_decay", 0.1, V3_VIT), ("optim.decay_norm_and_bias", True, V3_VIT),
+    ("optim.warmup_epochs", 40, V3_VIT), ("method.temperature", 0.2, V3_VIT), ("method.proj_hidden_dim", 4096, V3_VIT),
+    ("method.proj_dim", 256, V3_VIT), ("method.pred_hidden_dim", 4096, V3_VIT), ("method.proj_layers", 3, V3_VIT),
+    ("method.pred_last_bn", True, V3_VIT), ("method.freeze_patch_embed", True, V3_VIT),
+    ("method.momentum", 0.99, V3_VIT), ("method.momentum_final", 1.0, V3_VIT),
+]
+CIFAR_MOCOV3_VIT = VIT_V3 + [
+    ("model.patch_size", 4, SOLO_VIT), ("optim.epochs", 200, LIGHTLY), ("optim.batch_size", 512, LIGHTLY),
+    ("optim.lr", 1.5e-4 * 512 / 256, V3_VIT),
+]
+IMAGENET100_MOCOV3_VIT = VIT_V3 + [
+    ("model.backbone", "vit_small", V3_VIT), ("model.patch_size", 16, V3_VIT), ("data.image_size", 224, V3_VIT),
+    ("aug.blur_p", [1.0, 0.1], V3_VIT), ("optim.epochs", 300, V3_VIT), ("optim.batch_size", 1024, V3_VIT),
+    ("optim.lr", 1.5e-4 * 1024 / 256, V3_VIT),
+]
+VIT_DINO = [
+    ("model.pool", "cls", DINO_VIT), ("model.drop_path", 0.1, DINO_VIT), ("aug.crop_scale", [0.4, 1.0], DINO_VIT),
+    ("aug.saturation", 0.2, DINO_VIT), ("aug.solarize_p", [0.0, 0.2], DINO_VIT), ("aug.local_crops", 8, DINO_VIT),
+    ("aug.local_crop_scale", [0.05, 0.4], DINO_VIT), ("optim.optimizer", "adamw", DINO_VIT),
+    ("optim.base_lr", 0.00025, DINO_VIT), ("optim.weight_decay", 0.04, DINO_VIT),
+    ("optim.weight_decay_end", 0.4, DINO_VIT), ("optim.clip_grad", 3.0, DINO_VIT),
+    ("optim.warmup_epochs", 10, DINO_VIT),
+    ("optim.decay_norm_and_bias", False, DINO_VIT), ("method.batch_norm", False, DINO),
+    ("method.norm_last_layer", True, DINO_VIT), ("method.freeze_last_layer", 1, DINO_VIT),
+    ("method.student_temp", 0.1, DINO_VIT), ("method.teacher_temp", 0.07, DINO),
+    ("method.warmup_teacher_temp", 0.04, DINO), ("method.warmup_teacher_temp_epochs", 30, DINO),
+    ("method.momentum", 0.996, DINO_VIT), ("method.momentum_final", 1.0, DINO_VIT),
+]
+CIFAR_DINO_VIT = VIT_DINO + [
+    ("model.patch_size", 4, SOLO_VIT), ("method.out_dim", 4096, "solo-learn's CIFAR DINO"),
+    ("optim.epochs", 200, LIGHTLY), ("optim.batch_size", 512, LIGHTLY), ("optim.lr", 0.0005 * 512 / 256, DINO_VIT),
+    ("optim.min_lr_ratio", 1e-6 / 0.001, DINO_VIT),
+]
+IMAGENET100_DINO_VIT = VIT_DINO + [
+    ("model.backbone", "vit_small", DINO_VIT), ("model.patch_size", 16, DINO_VIT), ("data.image_size", 224, DINO_VIT),
+    ("aug.blur_p", [1.0, 0.1], DINO_VIT), ("aug.local_blur_p", 0.5, DINO_VIT), ("aug.local_size", 96, DINO_VIT),
+    ("method.out_dim", 65536, DINO_VIT), ("optim.epochs", 100, DINO_VIT), ("optim.batch_size", 1024, DINO_VIT),
+    ("optim.lr", 0.0005 * 1024 / 256, DINO_VIT), ("optim.min_lr_ratio", 1e-6 / 0.002, DINO_VIT),
+]
 
 TABLE = {
     "cifar10/moco.yaml": CIFAR_MOCO, "cifar10/moco_sec.yaml": CIFAR_MOCO,
@@ -137,11 +182,17 @@ TABLE = {
     "cifar10/swav.yaml": CIFAR_SWAV, "cifar10/swav_sec.yaml": CIFAR_SWAV,
     "cifar10/nnclr.yaml": CIFAR_NNCLR, "cifar10/nnclr_sec.yaml": CIFAR_NNCLR,
     "cifar10/dino.yaml": CIFAR_DINO, "cifar10/dino_sec.yaml": CIFAR_DINO,
+    "cifar10/mocov3_vit.yaml": CIFAR_MOCOV3_VIT, "imagenet100/mocov3_vit_small.yaml": IMAGENET100_MOCOV3_VIT,
+    "cifar10/dino_vit.yaml": CIFAR_DINO_VIT, "imagenet100/dino_vit_small.yaml": IMAGENET100_DINO_VIT,
 }
 # values a recipe marks as this project's own ([ours] in the YAML, with the reason there)
 OURS = {
     "cifar10/simclr.yaml": {"method.proj_hidden_dim": 2048},
     "imagenet100/moco_sec.yaml": {"data.store_size": 256, "model.channels_last": True},
+    "imagenet100/mocov3_vit_small.yaml": {"data.store_size": 256},
+    "imagenet100/dino_vit_small.yaml": {"data.store_size": 256},
+    "cifar10/mocov3_vit.yaml": {"model.backbone": "vit_tiny"},
+    "cifar10/dino_vit.yaml": {"model.backbone": "vit_tiny", "aug.blur_p": [0.0, 0.0], "aug.local_blur_p": 0.0},
     "*_sec.yaml": {"sec.weight": 0.1},
 }
 

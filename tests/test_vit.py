@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_sphere import methods
 from ssl_sphere.augment.views import Augmenter, view_groups
 from ssl_sphere.cli.pretrain import build_config
 from ssl_sphere.config import for_method
@@ -16,7 +17,8 @@ from ssl_sphere.models.backbones import build_backbone
 from ssl_sphere.models.ssl_model import build_model
 
 VIT = ["--backbone", "vit_tiny", "data.image_size=16", "--batch-size", "8", "method.queue_size=64",
-       "method.proj_hidden_dim=64", "method.pred_hidden_dim=64", "run.progress=false"]
+       "method.proj_hidden_dim=64", "method.pred_hidden_dim=64", "method.proj_dim=64", "method.out_dim=64",
+       "method.n_prototypes=32", "run.progress=false"]
 
 
 def vit_cfg(method="simclr", *extra):
@@ -61,7 +63,7 @@ def test_positional_embeddings_are_interpolated_to_another_input_size():
         fixed(x)  # without interpolation another size is refused
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
+@pytest.mark.parametrize("method", methods.names())
 def test_every_method_trains_a_vit(method):
     torch.manual_seed(0)
     cfg = vit_cfg(method, "--sec")
@@ -164,3 +166,39 @@ def test_export_of_a_vit_loads_into_timm(tmp_path):
         torch.testing.assert_close(net.eval()(p.preprocess(x)), p.module(p.preprocess(x)))
     ema = load_pretrained(ckpt, part="momentum_backbone")
     assert ema.module.pos_embed.shape == p.module.pos_embed.shape and math.isclose(ema.feature_dim, 192)
+
+
+MULTI = ["--batch-size", "32", "data.train_limit=160", "--epochs", "2", "eval.every_epochs=0", "run.progress=false",
+         "aug.local_crops=2", "method.proj_hidden_dim=64"]
+SMALL = {"dino": ["method.out_dim=64"], "swav": ["method.n_prototypes=32"]}
+
+
+@pytest.mark.parametrize("method", ["dino", "swav"])
+def test_multi_crop_methods_take_view_groups(method):
+    cfg = build_config(["--method", method, *MULTI, *SMALL[method]])
+    assert cfg.aug.local_size == 14  # 96/224 of 32 px
+    model = build_model(cfg)
+    views = Augmenter(cfg.aug, 32, (0.5,) * 3, (0.25,) * 3).views(torch.randint(0, 256, (8, 3, 32, 32),
+                                                                                 dtype=torch.uint8))
+    assert [v.shape[-1] for v in views] == [32, 32, 14, 14]
+    total, _, _, out = model(views, 0.5)
+    total.backward()
+    assert out.views == 4 and out.embeddings.shape[0] == 4 * 8 and torch.isfinite(total)
+
+
+@pytest.mark.parametrize("method", ["dino", "swav"])
+def test_exact_resume_with_multi_crop(tmp_path, method):
+    """2 epochs of 5 steps with 2 global + 2 local crops: a run stopped mid-epoch (step 3) and resumed
+    ends with the uninterrupted run's weights: the crops come from the checkpointed RNG."""
+    from ssl_sphere.core import checkpoint
+    from ssl_sphere.engine.train import train
+
+    argv = ["--method", method, *MULTI, *SMALL[method], "--sec"]
+    a = train(build_config([*argv, "--output-dir", str(tmp_path / "a")]))
+    train(build_config([*argv, "--output-dir", str(tmp_path / "b"), "--max-steps", "3"]))
+    b = train(build_config([*argv, "--output-dir", str(tmp_path / "b"), "--resume", "auto", "--max-steps", "10"]))
+    pa = checkpoint.load(str(Path(a["run_dir"]) / "last.pt"))["model"]
+    pb = checkpoint.load(str(Path(b["run_dir"]) / "last.pt"))["model"]
+    assert a["step"] == b["step"] == 10 and pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -22,6 +22,7 @@ the model builder and the CLI read: none of them names a method.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
@@ -70,6 +71,14 @@ def asymmetric_views(cfg, d, who: str, blur_small: bool = False) -> None:
     if blur_small or cfg.data.image_size > 64:
         d.fill("aug.blur_p", [1.0, 0.1], f"{who}: BYOL's asymmetric views (BYOL Table 6)")
     d.fill("aug.solarize_p", [0.0, 0.2], f"{who}: BYOL's asymmetric views (BYOL Table 6)")
+
+
+def encode_views(backbone: nn.Module, views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(V*B, F) backbone features of the views, view blocks stacked in order: one backbone batch per
+    run of consecutive views of one resolution (multi-crop: the global views together, then the local
+    crops), as the authors' MultiCropWrapper of SwAV and DINO, so views of one size share BN statistics."""
+    runs = [torch.cat(list(group)) for _, group in itertools.groupby(views, key=lambda v: v.shape[-2:])]
+    return torch.cat([backbone(x) for x in runs])
 
 
 @dataclass

@@ -31,7 +31,6 @@ norm_last_layer is off); frozen with the last layer in the first epochs like the
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -45,7 +44,7 @@ from ..config import VIT_CHOICES
 from ..core import dist
 from ..core.numerics import float32
 from ..sphere.stats import code_entropy
-from .base import EMAPair, MomentumMethod, StepOutput, asymmetric_views, check, register
+from .base import EMAPair, MomentumMethod, StepOutput, asymmetric_views, check, encode_views, register
 from .losses import see_prototype_points
 
 N_GLOBAL = 2  # [paper] the two global views the teacher sees (main_dino.py: teacher(images[:2]))
@@ -207,8 +206,7 @@ class DINO(MomentumMethod):
         """(V*B, D) raw bottleneck outputs of ``net`` = (backbone, DINO head) for the views, view blocks
         stacked: one backbone batch per run of views of one resolution, then the head's MLP on all of them
         (the authors' MultiCropWrapper: the global views share the backbone's BN statistics)."""
-        runs = [torch.cat(list(group)) for _, group in itertools.groupby(views, key=lambda v: v.shape[-2:])]
-        return net[1].layers(torch.cat([net[0](x) for x in runs]))
+        return net[1].layers(encode_views(net[0], views))
 
     @staticmethod
     def _logits(net: nn.Sequential, z: torch.Tensor) -> torch.Tensor:

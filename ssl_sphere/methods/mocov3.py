@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import VIT_CHOICES
 from ..core import dist
 from ..core.numerics import float32
 from .base import EMAPair, MomentumMethod, StepOutput, asymmetric_views, check, register
@@ -41,9 +42,14 @@ class MoCoV3Config:
     proj_hidden_dim: int = 4096  # [paper] Appendix A "MLP heads": hidden layers 4096-d; [ref] --moco-mlp-dim
     proj_dim: int = 256  # [paper] Appendix A: output layers 256-d; [ref] --moco-dim
     pred_hidden_dim: int = 4096  # [paper] Appendix A; [ref] the predictor's hidden layer is --moco-mlp-dim too
-    # [ref] MoCo_ResNet: a 2-layer projector (and [solo] for ResNets); the paper's 3-layer projector
-    # (Appendix A) is the reference's MoCo_ViT head: 3 gives it
-    proj_layers: int = 2
+    # None: [ref] MoCo_ResNet's 2-layer projector for convnets ([solo] too), MoCo_ViT's 3 layers for ViTs
+    # (the paper's Appendix A head)
+    proj_layers: Optional[int] = None
+    # None: [ref] the predictor of MoCo_ViT ends in a BN (without affine parameters), MoCo_ResNet's does not
+    pred_last_bn: Optional[bool] = None
+    # None: for ViTs, [paper] Sec. 4.2 "random patch projection" ([ref] --stop-grad-conv1 in every ViT config):
+    # the patch embedding stays at its random initialisation, which stabilises training; off for convnets
+    freeze_patch_embed: Optional[bool] = None
     momentum: float = 0.99  # [ref] --moco-m (ResNet-50, 100 / 300 epochs; 0.996 for 1000); cosine to momentum_final
     momentum_final: float = 1.0  # [ref] --moco-m-cos (every CONFIG.md command): half-cycle cosine to 1
 
@@ -75,22 +81,31 @@ def mocov3_contrastive(q: torch.Tensor, keys: torch.Tensor, temperature: float, 
 @register
 class MoCoV3(MomentumMethod):
     Config = MoCoV3Config
-    weight_keys = ("proj_hidden_dim", "proj_dim", "pred_hidden_dim", "proj_layers")
+    weight_keys = ("proj_hidden_dim", "proj_dim", "pred_hidden_dim", "proj_layers", "pred_last_bn",
+                   "freeze_patch_embed")  # the last: the optimiser's parameter groups
     sec_target = "the online predictor outputs (the queries q) of both views"
     see_unsupported = None
 
     @classmethod
     def configure(cls, cfg, d) -> None:
         asymmetric_views(cfg, d, "MoCo v3 (main_moco.py)")  # at <= 64 px no blur, as [solo]'s CIFAR recipe
+        vit = cfg.model.backbone in VIT_CHOICES
+        kind = "MoCo_ViT" if vit else "MoCo_ResNet"
+        d.fill("method.proj_layers", 3 if vit else 2, f"MoCo v3 reference: {kind}'s projector")
+        d.fill("method.pred_last_bn", vit, f"MoCo v3 reference: {kind}'s predictor")
+        d.fill("method.freeze_patch_embed", vit, "MoCo v3 Sec. 4.2: random patch projection for ViTs"
+               if vit else "MoCo v3: a convnet has no patch projection")
         super().configure(cfg, d)
         check(cfg.method.proj_layers >= 1, "method.proj_layers", "must be >= 1 (2: ResNet, 3: the paper's ViT head)")
 
     def __init__(self, backbone, feature_dim, cfg, see=None):
         super().__init__(backbone, feature_dim, cfg, see)
+        if cfg.freeze_patch_embed and hasattr(backbone, "patch_embed"):
+            backbone.patch_embed.requires_grad_(False)  # random patch projection (Sec. 4.2): out of the optimiser
         projector = mlp(cfg.proj_layers, feature_dim, cfg.proj_hidden_dim, cfg.proj_dim, last_bn=True)
         self.encoder = EMAPair(nn.Sequential(backbone, projector))  # f_k: EMA of backbone + projector
-        # [ref] MoCo_ResNet: a 2-layer predictor without the output BN (MoCo_ViT's has it)
-        self.predictor = mlp(2, cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, last_bn=False)
+        # [ref] a 2-layer predictor, with the output BN for ViTs (MoCo_ViT), without for convnets (MoCo_ResNet)
+        self.predictor = mlp(2, cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, last_bn=cfg.pred_last_bn)
 
     def forward(self, views: Sequence[torch.Tensor]) -> StepOutput:
         """views: two (B, 3, H, W). embeddings: (2B, proj_dim) raw queries q1, q2 (predictor outputs).

@@ -31,12 +31,12 @@ from torch import nn
 from ..core import dist
 from ..core.numerics import float32
 from ..sphere.stats import code_entropy
-from .base import Method, StepOutput, check, register
+from .base import Method, StepOutput, check, encode_views, register
 from .losses import see_prototype_points
 from .queue import NegativeQueue
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
-VIEWS = 2  # the Augmenter's two views; one queue per view whose codes are computed (crops_for_assign 0 1)
+VIEWS = 2  # the global views, whose codes are computed (crops_for_assign 0 1), one queue each
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -88,30 +88,33 @@ def sinkhorn(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05,
 @float32
 def swav_loss(z: torch.Tensor, prototypes: torch.Tensor, views: int, temperature: float = 0.1,
               iterations: int = 3, epsilon: float = 0.05, queue: Optional[torch.Tensor] = None,
-              all_reduce: Reduce = _identity) -> Tuple[torch.Tensor, torch.Tensor]:
+              all_reduce: Reduce = _identity, assign: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Swapped prediction (SwAV Eq. 1-2; main_swav.py), the MEAN over the views whose codes are
     predicted and, for each, over the other views.
 
     z: (V*B, D) raw projector outputs, view blocks stacked (normalised here); prototypes: (K, D)
-    weight (unit rows); queue: (V, Q, D) unit projections of past batches, one queue per view, used
-    only to compute that view's codes (Sec. 3.1, "Working with small batches");
-    all_reduce: as in sinkhorn. Returns (loss, codes) with codes (V*B, K), detached."""
+    weight (unit rows); assign: the first ``assign`` views get codes (default all V; multi-crop: the 2
+    global views, crops_for_assign, and every other view predicts them); queue: (assign, Q, D) unit
+    projections of past batches, one queue per assigned view, used only to compute that view's codes
+    (Sec. 3.1, "Working with small batches"); all_reduce: as in sinkhorn. Returns (loss, codes) with
+    codes (assign*B, K), detached."""
+    assign = views if assign is None else assign
     b = z.shape[0] // views
     w = prototypes.float()
     scores = (F.normalize(z.float(), dim=1) @ w.T).view(views, b, -1)  # (V, B, K)
     with torch.no_grad():
         codes = []
-        for i in range(views):
+        for i in range(assign):
             s = scores[i].detach()
             if queue is not None:
                 s = torch.cat([s, queue[i].float() @ w.T])
             codes.append(sinkhorn(s, iterations, epsilon, all_reduce)[:b])
     logp = F.log_softmax(scores / temperature, dim=2)
     loss = z.new_zeros((), dtype=torch.float32)
-    for i in range(views):
+    for i in range(assign):
         cross = sum(-(codes[i] * logp[v]).sum(1).mean() for v in range(views) if v != i)
         loss = loss + cross / (views - 1)
-    return loss / views, torch.cat(codes)
+    return loss / assign, torch.cat(codes)
 
 
 @float32
@@ -137,6 +140,7 @@ class SwAV(Method):
     weight_keys = ("proj_hidden_dim", "proj_dim", "n_prototypes", "queue_size")
     sec_target = "the projector outputs of both views, before the L2 normalisation that precedes the prototypes"
     see_unsupported = None
+    multi_crop = True  # local crops after the two global views: predictions only (crops_for_assign 0 1)
 
     @classmethod
     def configure(cls, cfg, d) -> None:
@@ -225,18 +229,18 @@ class SwAV(Method):
 
     # ------------------------------------------------------------------ the step
     def swapped_prediction(self, z: torch.Tensor, views: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """z: (V*B, D) raw projections of this rank -> (loss, (V*B, K) codes), with the queue where it is
-        on and full and Sinkhorn's sums over all ranks."""
+        """z: (V*B, D) raw projections of this rank -> (loss, (2B, K) codes of the global views), with the
+        queue where it is on and full and Sinkhorn's sums over all ranks."""
         c = self.cfg
         return swav_loss(z, self.prototypes.weight, views, c.temperature, c.sinkhorn_iterations, c.epsilon,
-                         self.queue_share(), dist.all_reduce_sum)
+                         self.queue_share(), dist.all_reduce_sum, assign=VIEWS)
 
     def forward(self, views: Sequence[torch.Tensor]) -> StepOutput:
-        """views: two (B, 3, H, W). embeddings: (2B, proj_dim) raw projector outputs."""
-        if len(views) != VIEWS:
-            raise ValueError(f"SwAV here takes {VIEWS} views, got {len(views)}")
-        z = self.projector(self.backbone(torch.cat(list(views))))  # one batch of both views, as the reference
-        loss, codes = self.swapped_prediction(z, VIEWS)
+        """views: the two global (B, 3, H, W) views, then any local crops (multi-crop, Sec. 3.2): views of
+        one resolution through the backbone as one batch, as the reference. embeddings: (V*B, proj_dim)
+        raw projector outputs."""
+        z = self.projector(encode_views(self.backbone, views))
+        loss, codes = self.swapped_prediction(z, len(views))
         # the collapse monitor's code entropy from the prototype predictions: Sinkhorn's codes are
         # equipartitioned by construction and would hide a collapse
         with torch.no_grad():
@@ -248,13 +252,13 @@ class SwAV(Method):
             loss = loss + self.see.weight * see_loss
             logs["see_loss"] = see_loss.detach()
         if self.training and self._queue_on():
-            self._enqueue(z)
-        return StepOutput(loss, z, logs, views=VIEWS)
+            self._enqueue(z[: codes.shape[0]])  # the global views' projections
+        return StepOutput(loss, z, logs, views=len(views))
 
     def _see_terms(self, z: torch.Tensor, codes: torch.Tensor, frac: float) -> List[torch.Tensor]:
         """SEE around the prototype each view is asked to predict (the argmax of the other view's
         code), summed over the two directions as MoCo's and SimCLR's SEE terms."""
-        zs, assigned = z.chunk(VIEWS), [c.argmax(1) for c in codes.chunk(VIEWS)]
+        zs, assigned = z[: codes.shape[0]].chunk(VIEWS), [c.argmax(1) for c in codes.chunk(VIEWS)]
         w, n, t = self.prototypes.weight, self.see.n, self.cfg.temperature
         return [see_prototype_loss(zs[v], w, assigned[i], n, frac, t)
                 for i in range(VIEWS) for v in range(VIEWS) if v != i]
