@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true",
                    help="download cifar10/cifar100/stl10 if missing (needs internet)")
     p.add_argument("--backbone", choices=config.BACKBONE_CHOICES,
-                   help="encoder (default auto: tiny CPU convnet for digits, resnet18 otherwise)")
+                   help="encoder (default auto: tiny CPU convnet for digits, resnet18 otherwise); vit_*: timm ViTs")
     p.add_argument("--epochs", type=int, metavar="N", help="training epochs (sets the lr/momentum schedules)")
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N optimiser steps (schedules still span --epochs); for smoke runs")
