@@ -129,3 +129,50 @@ def test_the_layers_above_the_methods_name_no_method():
                                                "evaluation") for p in (pkg / d).rglob("*.py")]]
     named = {str(p.relative_to(REPO)): sorted(names & set(_string_constants(p))) for p in files}
     assert not {k: v for k, v in named.items() if v}
+
+
+#: the layers of the package, bottom first: a module imports only from its own layer or lower ones
+LAYERS = [("core",), ("augment", "data"), ("config",), ("sphere",), ("evaluation",), ("methods",), ("models",),
+          ("engine",), ("cli",), ("__init__", "pretrain", "knn", "linear", "export")]
+
+
+def _layer(module: str) -> int:
+    part = module.split(".")[1] if "." in module else "__init__"
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
+def _exists(module: str) -> bool:
+    path = REPO.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def test_imports_only_run_downward_and_resolve():
+    """Every ssl_sphere import (module level or inside a function) names a module that exists, and
+    runs to the importing module's layer or a lower one: no circle between layers, no arrow back up."""
+    import importlib.util
+
+    pkg = REPO / "ssl_sphere"
+    problems = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        package = module if rel.name == "__init__" else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
+                    else node.module
+                # the module imported from must exist; its names are submodules or attributes
+                targets = [(base, [f"{base}.{a.name}" if _exists(f"{base}.{a.name}") else base for a in node.names])]
+            elif isinstance(node, ast.Import):
+                targets = [(a.name, [a.name]) for a in node.names]
+            else:
+                continue
+            for source, used in targets:
+                if not (source == "ssl_sphere" or source.startswith("ssl_sphere.")):
+                    continue
+                if not _exists(source):
+                    problems.append(f"{module} imports from {source}, which does not exist")
+                for target in used:
+                    if target != "ssl_sphere" and _layer(target) > _layer(module):
+                        problems.append(f"{module} imports {target} from a higher layer")
+    assert not problems, problems

@@ -26,7 +26,8 @@ def normalisation(cfg: DictConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]
     they were resolved at start-up; older checkpoints fall back to the dataset's known values."""
     if cfg.data.mean is not None and cfg.data.std is not None:
         return tuple(cfg.data.mean), tuple(cfg.data.std)
-    from .data import STATS, load_digits
+    from ..data.datasets import load_digits
+    from ..data.splits import STATS
 
     if cfg.data.dataset in STATS:
         return STATS[cfg.data.dataset]
