@@ -117,3 +117,16 @@ def test_checkpoints_from_before_the_per_method_sections_still_load(tmp_path, me
     # the other methods' keys of the flat section are dropped, the method's own kept
     assert resumed.method.name == method and ("queue_size" in resumed.method) == (method == "moco")
     assert train(resumed)["step"] == 3
+
+
+def test_a_resume_takes_the_checkpoints_method_keys_on_the_command_line(tmp_path, capsys):
+    # DINO's teacher_temp is not a key of the default method (MoCo): the resume must read it
+    # against the checkpoint's method, not refuse it before it knows which method it continues
+    s = train(build_config(["--method", "dino", "--output-dir", str(tmp_path), "--max-steps", "1", *FAST]))
+    path = Path(s["run_dir"]) / "last.pt"
+    resumed = build_config(["--resume", str(path), "method.teacher_temp=0.05", "--max-steps", "2", *FAST])
+    assert resumed.method.name == "dino" and resumed.method.teacher_temp == 0.05
+    assert "method.teacher_temp: 0.07 -> 0.05" in capsys.readouterr().out
+    # without a checkpoint to continue the key is still checked against the method asked for
+    with pytest.raises(config.ConfigError, match="teacher_temp"):
+        build_config(["--output-dir", str(tmp_path / "new"), "method.teacher_temp=0.05", *FAST])

@@ -115,15 +115,23 @@ def build_config(argv: Optional[Sequence[str]] = None) -> DictConfig:
     values = flag_values(args)
     overrides = getattr(args, "overrides", [])
     layers = dict(config_file=getattr(args, "config", None), values=values, overrides=overrides)
-    cfg = config.resolve(config.layered(**layers))
-    ckpt_path = find_resume(cfg)
+    # Which checkpoint to continue is decided before the method's own keys are read: on a resume
+    # the method comes from the checkpoint, so method.queue_size=... for a saved MoCo run must not
+    # be checked against the default method's section first.
+    def not_method(key: str) -> bool:
+        return not key.startswith("method.") or key == "method.name"
+
+    probe = config.layered(config_file=layers["config_file"],
+                           values={k: v for k, v in values.items() if not_method(k)},
+                           overrides=[o for o in overrides if not_method(o.split("=", 1)[0].strip())])
+    ckpt_path = find_resume(probe)
     if ckpt_path is None:
-        return cfg
+        return config.resolve(config.layered(**layers))
     saved = config.from_container(checkpoint.load(ckpt_path)["config"], f"checkpoint {ckpt_path}")
     request = config.layered(**layers, base=config.request_of(saved))
     resumed = config.resolve(request)
     explicit = set(values) | {item.split("=", 1)[0].strip() for item in overrides}
-    if cfg.run.resume == "auto" or not explicit & {"run.run_name", "run.output_dir"}:
+    if probe.run.resume == "auto" or not explicit & {"run.run_name", "run.output_dir"}:
         run_dir = os.path.dirname(os.path.abspath(ckpt_path))  # in place, wherever the run has moved to
         resumed.run.run_name, resumed.run.output_dir = os.path.basename(run_dir), os.path.dirname(run_dir)
     resumed.run.resume = ckpt_path
