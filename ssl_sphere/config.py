@@ -504,6 +504,14 @@ def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
     if c.model.backbone in VIT_CHOICES:
         _check(c.model.patch_size >= 1 and c.data.image_size % c.model.patch_size == 0, "model.patch_size",
                f"{c.model.patch_size} does not tile data.image_size={c.data.image_size}; choose a divisor of it")
+        if c.aug.local_crops:  # timm's patch embedding refuses inputs its patches do not tile ...
+            _check(c.aug.local_size % c.model.patch_size == 0, "aug.local_size",
+                   f"{c.aug.local_size} is not a multiple of model.patch_size={c.model.patch_size}; choose a "
+                   "multiple of it (or leave it unset to derive one)")
+            # ... and, without interpolated positional embeddings, any size but data.image_size
+            _check(c.model.dynamic_img_size or c.aug.local_size == c.data.image_size, "model.dynamic_img_size",
+                   f"must be true for ViT local crops of {c.aug.local_size} px (the positional embeddings are "
+                   f"for {c.data.image_size} px); drop model.dynamic_img_size=false or aug.local_crops")
     else:
         _check(c.model.patch_size is None, "model.patch_size", f"only ViTs have patches, not {c.model.backbone}")
     _check(c.data.root is None or c.data.dataset != "digits", "data.root",

@@ -39,6 +39,12 @@ def test_vit_backbones_from_timm():
         vit_cfg("simclr", "model.patch_size=3")
     with pytest.raises(Exception, match="only ViTs have patches"):
         build_config(["model.patch_size=4"])
+    # local crops: a multiple of the patch (derived as one), and only with interpolated positions
+    assert vit_cfg("dino", "data.image_size=32", "aug.local_crops=2").aug.local_size == 12  # 13.7 px -> 3 patches of 4
+    with pytest.raises(Exception, match="aug.local_size"):
+        vit_cfg("dino", "data.image_size=32", "aug.local_crops=2", "aug.local_size=14")
+    with pytest.raises(Exception, match="model.dynamic_img_size"):
+        vit_cfg("dino", "data.image_size=32", "aug.local_crops=2", "model.dynamic_img_size=false")
 
 
 def test_positional_embeddings_are_interpolated_to_another_input_size():
