@@ -222,5 +222,5 @@ def test_fixed_lr_modules_keep_the_peak_lr():
     pred = {id(p) for p in model.method.predictor.parameters()}
     assert fixed and {id(p) for g in fixed for p in g["params"]} == pred
     assert not pred & {id(p) for g in opt.param_groups if not g.get("fixed_lr") for p in g["params"]}
-    set_hyperparameters(opt, 0.001, 0.3)
+    set_hyperparameters(opt, 0.001, 0.3, cfg.optim.weight_decay)
     assert {g["lr"] for g in fixed} == {0.3} and {g["lr"] for g in opt.param_groups if not g.get("fixed_lr")} == {0.001}

@@ -130,3 +130,16 @@ def test_a_resume_takes_the_checkpoints_method_keys_on_the_command_line(tmp_path
     # without a checkpoint to continue the key is still checked against the method asked for
     with pytest.raises(config.ConfigError, match="teacher_temp"):
         build_config(["--output-dir", str(tmp_path / "new"), "method.teacher_temp=0.05", *FAST])
+
+
+def test_a_resume_with_another_weight_decay_and_momentum_trains_with_them(tmp_path, capsys):
+    # the optimiser's groups come back from the checkpoint with their saved hyper-parameters; the
+    # config's must replace them, on the decayed groups only
+    s = train(build_config(["--output-dir", str(tmp_path), "--max-steps", "1", *FAST]))
+    path = Path(s["run_dir"]) / "last.pt"
+    assert train(build_config(["--resume", str(path), "--max-steps", "2", "optim.weight_decay=0.01",
+                               "optim.momentum=0.5", *FAST]))["step"] == 2
+    groups = checkpoint.load(str(path))["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups if g["decay"]} == {0.01}
+    assert {g["weight_decay"] for g in groups if not g["decay"]} == {0.0}
+    assert {g["momentum"] for g in groups} == {0.5}

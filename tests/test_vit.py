@@ -98,6 +98,12 @@ def test_adamw_groups_weight_decay_schedule_and_clipping():
         wd = cosine_schedule(progress, 0.04, 0.4)
         set_hyperparameters(opt, 0.1, 0.1, wd)
         assert sorted({g["weight_decay"] for g in opt.param_groups}) == pytest.approx([0.0, wd])
+    # the groups are marked at build: a schedule through 0 does not lose which ones it decays
+    set_hyperparameters(opt, 0.1, 0.1, 0.0)
+    set_hyperparameters(opt, 0.1, 0.1, 0.3, betas=(0.8, 0.9))
+    assert {g["weight_decay"] for g in opt.param_groups if g["decay"]} == {0.3}
+    assert {g["weight_decay"] for g in opt.param_groups if not g["decay"]} == {0.0}
+    assert {g["betas"] for g in opt.param_groups} == {(0.8, 0.9)}
     assert cosine_schedule(0.5, 0.04, 0.4) == pytest.approx(0.22)
 
     # per-parameter clipping as DINO's utils.clip_gradients

@@ -3,7 +3,7 @@ gradient clipping; the schedules themselves are ssl_sphere.core.schedules."""
 
 from __future__ import annotations
 
-from typing import Optional, Set
+from typing import Optional, Sequence, Set
 
 import torch
 from lightly.models.utils import get_weight_decay_parameters
@@ -29,11 +29,12 @@ def build_optimizer(model: nn.Module, ocfg) -> torch.optim.Optimizer:
     method = getattr(model, "method", None)
     fixed = {id(p) for m in (method.fixed_lr_modules() if method is not None else []) for p in m.parameters()}
     groups, fixed_groups = [], []
-    for params, wd in ((decay, ocfg.weight_decay), (no_decay, 0.0)):
+    for params, wd, decayed in ((decay, ocfg.weight_decay, True), (no_decay, 0.0, False)):
         params = [p for p in params if p.requires_grad]
-        groups.append({"params": [p for p in params if id(p) not in fixed], "weight_decay": wd})
+        groups.append({"params": [p for p in params if id(p) not in fixed], "weight_decay": wd, "decay": decayed})
         if any(id(p) in fixed for p in params):
-            fixed_groups.append({"params": [p for p in params if id(p) in fixed], "weight_decay": wd, "fixed_lr": True})
+            fixed_groups.append({"params": [p for p in params if id(p) in fixed], "weight_decay": wd,
+                                 "decay": decayed, "fixed_lr": True})
     groups += fixed_groups
     if ocfg.optimizer == "lars":
         # LARS skips its trust ratio for groups with weight_decay 0 (norms, biases)
@@ -55,14 +56,23 @@ def token_parameters(model: nn.Module) -> Set[int]:
     return out
 
 
-def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, peak: float,
-                        weight_decay: Optional[float] = None) -> None:
-    """The scheduled lr on every group (the peak lr on the groups marked fixed_lr), and with
-    ``weight_decay`` the scheduled weight decay on the groups that have any."""
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, peak: float, weight_decay: float,
+                        momentum: Optional[float] = None, betas: Optional[Sequence[float]] = None) -> None:
+    """Every step, from the config: the scheduled lr on every group (the peak lr on the groups marked
+    fixed_lr), the (scheduled or constant) weight decay on the groups marked ``decay`` at build, and
+    SGD / LARS's momentum or AdamW's betas. Written each step, not only at build, because a resume
+    loads the optimiser's groups with the values they were saved with: a changed optim.weight_decay
+    or optim.momentum must act on the resumed run too, and a weight-decay schedule that passes 0
+    must not lose which groups it decays."""
     for group in optimizer.param_groups:
         group["lr"] = peak if group.get("fixed_lr") else lr
-        if weight_decay is not None and group["weight_decay"] > 0:
+        # checkpoints from before the mark: the decayed groups are those with weight decay
+        if group.get("decay", group["weight_decay"] > 0):
             group["weight_decay"] = weight_decay
+        if momentum is not None and "momentum" in group:
+            group["momentum"] = momentum
+        if betas is not None and "betas" in group:
+            group["betas"] = tuple(betas)
 
 
 @torch.no_grad()

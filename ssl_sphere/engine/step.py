@@ -78,9 +78,10 @@ class TrainStep:
         mark = mark or (lambda name: None)
         o = cfg.optim
         lr = lr_at(step, self.total, self.warmup, o.lr, o.min_lr_ratio)
-        wd = None if o.get("weight_decay_end") is None else cosine_schedule(step / self.total, o.weight_decay,
-                                                                             o.weight_decay_end)
-        set_hyperparameters(optimizer, lr, o.lr, wd)
+        wd = o.weight_decay if o.get("weight_decay_end") is None else cosine_schedule(step / self.total,
+                                                                                       o.weight_decay,
+                                                                                       o.weight_decay_end)
+        set_hyperparameters(optimizer, lr, o.lr, wd, momentum=o.momentum, betas=o.get("betas"))
         idx_dev = idx.to(device, non_blocking=True)  # one copy, used for the batch and by vMF
         x = self.batch(idx_dev, x)
         mark("batch_index")
