@@ -142,6 +142,9 @@ def test_config_views_heads_and_checks():
     cfg = make_cfg()
     assert cfg.method.temperature == 1.0 and cfg.method.momentum_final == 1.0  # the reference's ResNet defaults
     assert list(cfg.aug.blur_p) == [0.0, 0.0] and list(cfg.aug.solarize_p) == [0.0, 0.2]  # 32 px: no blur
+    vit = make_cfg(**{"model.backbone": "vit_tiny"})  # the reference's ViT settings, derived
+    assert vit.method.temperature == 0.2 and vit.method.proj_layers == 3 and vit.method.freeze_patch_embed
+    assert make_cfg(**{"model.backbone": "vit_tiny", "method.temperature": 0.5}).method.temperature == 0.5
     big = make_cfg(**{"data.image_size": 96})
     assert list(big.aug.blur_p) == [1.0, 0.1] and list(big.aug.solarize_p) == [0.0, 0.2]  # BYOL's views
     method = build_model(make_cfg(**{"method.proj_layers": 3, "see.enabled": True})).method

@@ -38,7 +38,9 @@ class MoCoV3Config:
     """MoCo v3 (Chen et al. 2021), the reference code's ResNet defaults ([ref]: facebookresearch/moco-v3)."""
 
     name: str = "mocov3"  # --method mocov3
-    temperature: float = 1.0  # [ref] main_moco.py --moco-t default, the ResNet-50 setting (ViT: 0.2, CONFIG.md)
+    # None: [ref] 1.0 for convnets (main_moco.py --moco-t default, the ResNet-50 setting), 0.2 for ViTs
+    # (every ViT command of CONFIG.md)
+    temperature: Optional[float] = None
     proj_hidden_dim: int = 4096  # [paper] Appendix A "MLP heads": hidden layers 4096-d; [ref] --moco-mlp-dim
     proj_dim: int = 256  # [paper] Appendix A: output layers 256-d; [ref] --moco-dim
     pred_hidden_dim: int = 4096  # [paper] Appendix A; [ref] the predictor's hidden layer is --moco-mlp-dim too
@@ -91,11 +93,14 @@ class MoCoV3(MomentumMethod):
         asymmetric_views(cfg, d, "MoCo v3 (main_moco.py)")  # at <= 64 px no blur, as [solo]'s CIFAR recipe
         vit = cfg.model.backbone in VIT_CHOICES
         kind = "MoCo_ViT" if vit else "MoCo_ResNet"
+        d.fill("method.temperature", 0.2 if vit else 1.0, "MoCo v3 reference: --moco-t of its "
+               + ("ViT configs" if vit else "ResNet-50"))
         d.fill("method.proj_layers", 3 if vit else 2, f"MoCo v3 reference: {kind}'s projector")
         d.fill("method.pred_last_bn", vit, f"MoCo v3 reference: {kind}'s predictor")
         d.fill("method.freeze_patch_embed", vit, "MoCo v3 Sec. 4.2: random patch projection for ViTs"
                if vit else "MoCo v3: a convnet has no patch projection")
         super().configure(cfg, d)
+        check(cfg.method.temperature > 0, "method.temperature", "must be > 0")
         check(cfg.method.proj_layers >= 1, "method.proj_layers", "must be >= 1 (2: ResNet, 3: the paper's ViT head)")
 
     def __init__(self, backbone, feature_dim, cfg, see=None):
