@@ -4,7 +4,8 @@ Library entry points: ``load_pretrained`` (a checkpoint's backbone and its input
 ``build_config`` (command-line style arguments -> resolved config), ``train`` (a resolved config -> a
 run), ``build_model`` (the model of a resolved config). They are imported on first use, so
 ``import ssl_sphere`` (and every CLI's ``--help``) stays light. The package, by layer (imports run
-downward only): cli > engine > models > methods > evaluation, sphere, augment, data > config > core."""
+downward only; tests/test_contract.py checks it): cli > engine > models > methods > evaluation > sphere >
+config > augment, data > core."""
 
 from importlib import import_module
 

@@ -131,7 +131,7 @@ def test_the_layers_above_the_methods_name_no_method():
     assert not {k: v for k, v in named.items() if v}
 
 
-#: the layers of the package, bottom first: a module imports only from its own layer or lower ones
+#: the layers of the package, bottom first: a module imports only from its own folder or lower layers
 LAYERS = [("core",), ("augment", "data"), ("config",), ("sphere",), ("evaluation",), ("methods",), ("models",),
           ("engine",), ("cli",), ("__init__", "pretrain", "knn", "linear", "export")]
 
@@ -148,7 +148,8 @@ def _exists(module: str) -> bool:
 
 def test_imports_only_run_downward_and_resolve():
     """Every ssl_sphere import (module level or inside a function) names a module that exists, and
-    runs to the importing module's layer or a lower one: no circle between layers, no arrow back up."""
+    runs to the importing module's own folder or a lower layer: no circle between layers, no arrow back
+    up, none sideways between the two folders of one layer (augment, data)."""
     import importlib.util
 
     pkg = REPO / "ssl_sphere"
@@ -175,4 +176,7 @@ def test_imports_only_run_downward_and_resolve():
                 for target in used:
                     if target != "ssl_sphere" and _layer(target) > _layer(module):
                         problems.append(f"{module} imports {target} from a higher layer")
+                    elif (target != "ssl_sphere" and _layer(target) == _layer(module) < len(LAYERS) - 1
+                          and target.split(".")[1] != module.split(".")[1]):
+                        problems.append(f"{module} imports {target} sideways, from the other folder of its layer")
     assert not problems, problems
