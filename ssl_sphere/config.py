@@ -87,7 +87,7 @@ class AugConfig:
     local_crops: int = 0  # local crops per image (DINO / SwAV: 6 or 8); 0: off
     local_size: Optional[int] = None  # local crop side; None: 96/224 of image_size (DINO), a multiple of a ViT's patch
     local_crop_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])  # local crop area (DINO)
-    local_blur_p: float = 0.5  # blur probability of a local crop (DINO)
+    local_blur_p: Optional[float] = None  # blur probability of a local crop; None: 0.5 (DINO), 0 at <= 64 px
     local_solarize_p: float = 0.0  # solarisation probability of a local crop (DINO)
 
 
@@ -461,6 +461,9 @@ def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
         d.fill("aug.local_size", max(step, round(c.data.image_size * 96 / 224 / step) * step),
                f"96/224 of {c.data.image_size} px (DINO's local crops)" + (f", a multiple of the patch {step}"
                                                                             if step > 1 else ""))
+        small = c.data.image_size <= 64
+        d.fill("aug.local_blur_p", 0.0 if small else 0.5,
+               "no blur at <= 64 px (SimCLR Appendix B.9)" if small else "DINO's local crops: p 0.5")
     # from the method (cross-section defaults and its own checks)
     method_cls.configure(c, d)
     d.fill("optim.base_lr", method_cls.base_lr, f"{c.method.name}'s lr per 128 images")

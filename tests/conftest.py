@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import ssl_sphere.methods  # noqa: F401  the built-in methods, which config resolves by name (each test file alone)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # the decoded-image cache of the tests' image folders: one fresh directory per test session (subprocesses

@@ -16,10 +16,16 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import _functional_tensor as TFT
 
 from ssl_sphere.augment import ops as A
-from ssl_sphere.augment.views import Augmenter
+from ssl_sphere.augment.views import Augmenter, ViewGroup
 from ssl_sphere.config import layered, resolve
 
 from .conftest import DEVICES
+
+
+def first_view(aug: Augmenter, x: torch.Tensor) -> torch.Tensor:
+    """The first global view of every image: x (B, 3, H, W) uint8 -> (B, 3, S, S)."""
+    g = aug.groups[0]
+    return aug.draw(x, ViewGroup(g.size, g.crop_scale, g.blur_p[:1], g.solarize_p[:1]))
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -109,7 +115,7 @@ def test_all_off_is_plain_normalisation():
     cfg = _cfg(**_ALL_OFF)
     x = _images(5, 16, seed=4)
     torch.manual_seed(0)
-    v = Augmenter(cfg.aug, 16, MEAN, STD).augment(x, (0,))
+    v = first_view(Augmenter(cfg.aug, 16, MEAN, STD), x)
     expected = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(v, expected, atol=1e-5)
 
@@ -118,7 +124,7 @@ def test_hflip_p_one_gives_flipped_image():
     cfg = _cfg(**{**_ALL_OFF, "hflip_p": 1.0})
     x = _images(5, 16, seed=5)
     torch.manual_seed(0)
-    v = Augmenter(cfg.aug, 16, MEAN, STD).augment(x, (0,))
+    v = first_view(Augmenter(cfg.aug, 16, MEAN, STD), x)
     flipped = torch.flip(x.float() / 255, dims=[-1])
     expected = (flipped - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(v, expected, atol=1e-5)
@@ -303,7 +309,7 @@ def test_grayscale_probability():
     aug = Augmenter(cfg.aug, 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     x = _images(4000, 8, seed=18)
     torch.manual_seed(0)
-    v = aug.augment(x, (0,))
+    v = first_view(aug, x)
     spread = (v.amax(1) - v.amin(1)).flatten(1).amax(1)  # per image: max channel disagreement
     grey = spread < 1e-6
     assert abs(_fraction(grey) - 0.2) < 0.03
@@ -430,7 +436,7 @@ def test_views_equal_torchvision_order_reference():
     torch.manual_seed(11)
     v1, v2 = aug.views(x)
 
-    torch.manual_seed(11)  # replay, in augment()'s draw order
+    torch.manual_seed(11)  # replay, in draw()'s order
     n = 2 * b
     xf = x.repeat(2, 1, 1, 1).float() / 255
     crops = A.sample_crops(n, 48, 48, a.crop_scale, a.crop_ratio, "cpu")
@@ -458,14 +464,14 @@ def test_flip_and_jitter_probabilities():
     ref = x.float() / 255
     cfg = _cfg(**{**_ALL_OFF, "hflip_p": 0.5})
     torch.manual_seed(0)
-    v = Augmenter(cfg.aug, 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).augment(x, (0,))
+    v = first_view(Augmenter(cfg.aug, 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), x)
     flipped = (v - torch.flip(ref, dims=[-1])).flatten(1).abs().amax(1) < 1e-5
     same = (v - ref).flatten(1).abs().amax(1) < 1e-5
     assert (flipped ^ same).all()  # random images: each view is exactly one of the two
     assert abs(_fraction(flipped) - 0.5) < 0.03
     cfg = _cfg(**{**_ALL_OFF, "jitter_p": 0.8})
     torch.manual_seed(0)
-    v = Augmenter(cfg.aug, 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).augment(x, (0,))
+    v = first_view(Augmenter(cfg.aug, 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), x)
     changed = (v - ref).flatten(1).abs().amax(1) > 1e-4
     assert abs(_fraction(changed) - 0.8) < 0.03
 

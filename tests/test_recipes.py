@@ -163,7 +163,7 @@ VIT_DINO = [
 CIFAR_DINO_VIT = VIT_DINO + [
     ("model.patch_size", 4, SOLO_VIT), ("method.out_dim", 4096, "solo-learn's CIFAR DINO"),
     ("optim.epochs", 200, LIGHTLY), ("optim.batch_size", 512, LIGHTLY), ("optim.lr", 0.0005 * 512 / 256, DINO_VIT),
-    ("optim.min_lr_ratio", 1e-6 / 0.001, DINO_VIT),
+    ("optim.min_lr_ratio", 1e-6 / 0.001, DINO_VIT), ("aug.local_blur_p", 0.0, SIMCLR),
 ]
 IMAGENET100_DINO_VIT = VIT_DINO + [
     ("model.backbone", "vit_small", DINO_VIT), ("model.patch_size", 16, DINO_VIT), ("data.image_size", 224, DINO_VIT),
@@ -192,7 +192,7 @@ OURS = {
     "imagenet100/mocov3_vit_small.yaml": {"data.store_size": 256},
     "imagenet100/dino_vit_small.yaml": {"data.store_size": 256},
     "cifar10/mocov3_vit.yaml": {"model.backbone": "vit_tiny"},
-    "cifar10/dino_vit.yaml": {"model.backbone": "vit_tiny", "aug.blur_p": [0.0, 0.0], "aug.local_blur_p": 0.0},
+    "cifar10/dino_vit.yaml": {"model.backbone": "vit_tiny", "aug.blur_p": [0.0, 0.0]},
     "*_sec.yaml": {"sec.weight": 0.1},
 }
 

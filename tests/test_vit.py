@@ -127,7 +127,7 @@ def test_multi_crop_view_groups_shapes_and_local_draws(monkeypatch):
 
     cfg = vit_cfg("simclr", "data.image_size=32")
     aug = cfg.aug
-    aug.local_crops, aug.local_size, aug.local_solarize_p = 3, 12, 0.5
+    aug.local_crops, aug.local_size, aug.local_blur_p, aug.local_solarize_p = 3, 12, 0.5, 0.5
     groups = view_groups(aug, 32)
     assert [(g.count, g.size, g.crop_scale) for g in groups] == [(2, 32, (0.2, 1.0)), (3, 12, (0.05, 0.4))]
     assert groups[1].blur_p == (0.5, 0.5, 0.5) and groups[1].solarize_p == (0.5, 0.5, 0.5)
@@ -150,6 +150,11 @@ def test_local_crop_size_and_refusal():
     assert cfg.aug.local_crops == 0 and cfg.aug.local_size is None
     with pytest.raises(Exception, match="aug.local_crops"):
         build_config(["--method", "simclr", "aug.local_crops=6"])  # SimCLR takes two views
+    # local blur: DINO's 0.5 from 96 px crops of 224, none at CIFAR size (as the global views there)
+    dino = ["--method", "dino", "aug.local_crops=6"]
+    assert build_config(dino + ["data.image_size=32"]).aug.local_blur_p == 0.0
+    assert build_config(dino + ["data.image_size=96"]).aug.local_blur_p == 0.5
+    assert build_config(dino + ["data.image_size=32", "aug.local_blur_p=0.3"]).aug.local_blur_p == 0.3
 
 
 def test_export_of_a_vit_loads_into_timm(tmp_path):

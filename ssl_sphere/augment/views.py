@@ -54,14 +54,6 @@ class Augmenter(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
-    def augment(self, x: torch.Tensor, indices: Sequence[int] = (0, 1)) -> torch.Tensor:
-        """x: (B, 3, H, W) uint8 -> (len(indices) * B, 3, size, size) normalised float: global view
-        ``indices[i]`` of every image in rows [i * B, (i + 1) * B)."""
-        g = self.groups[0]
-        return self.draw(x, ViewGroup(g.size, g.crop_scale, tuple(g.blur_p[i] for i in indices),
-                                      tuple(g.solarize_p[i] for i in indices)))
-
-    @torch.no_grad()
     def draw(self, x: torch.Tensor, group: ViewGroup) -> torch.Tensor:
         """x: (B, 3, H, W) uint8 -> (group.count * B, 3, S, S) normalised float, S = group.size: view
         v of every image in rows [v * B, (v + 1) * B).

@@ -100,7 +100,6 @@ class MoCoV3(MomentumMethod):
         d.fill("method.freeze_patch_embed", vit, "MoCo v3 Sec. 4.2: random patch projection for ViTs"
                if vit else "MoCo v3: a convnet has no patch projection")
         super().configure(cfg, d)
-        check(cfg.method.temperature > 0, "method.temperature", "must be > 0")
         check(cfg.method.proj_layers >= 1, "method.proj_layers", "must be >= 1 (2: ResNet, 3: the paper's ViT head)")
 
     def __init__(self, backbone, feature_dim, cfg, see=None):
