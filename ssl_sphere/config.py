@@ -150,7 +150,9 @@ class OptimConfig:
     max_steps: Optional[int] = None  # stop after this many optimiser steps (schedule unchanged)
     batch_size: int = 64  # per process
     lr: Optional[float] = None  # peak lr; None: base_lr x global batch / 128 (derived for each machine)
-    base_lr: Optional[float] = None  # lr per 128 images of the global batch; None: the method's (0.06, MoCo's demo)
+    # lr per 128 images of the global batch; None: the method's (SGD / LARS: 0.06, MoCo's demo, SimSiam 0.015;
+    # AdamW: 7.5e-5, MoCo v3's ViT lr, DINO 2.5e-4)
+    base_lr: Optional[float] = None
     momentum: float = 0.9  # SGD / LARS momentum
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas (torch's default)
     weight_decay: float = 5e-4  # on weights (norms and biases: see decay_norm_and_bias); the start of a wd schedule
@@ -466,7 +468,9 @@ def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
                "no blur at <= 64 px (SimCLR Appendix B.9)" if small else "DINO's local crops: p 0.5")
     # from the method (cross-section defaults and its own checks)
     method_cls.configure(c, d)
-    d.fill("optim.base_lr", method_cls.base_lr, f"{c.method.name}'s lr per 128 images")
+    adamw = c.optim.optimizer == "adamw"
+    d.fill("optim.base_lr", method_cls.base_lr_adamw if adamw else method_cls.base_lr,
+           f"{c.method.name}'s lr per 128 images" + (" under AdamW" if adamw else ""))
     # from the machine
     on_gpu = c.run.device == "cuda" or (c.run.device == "auto" and machine.cuda)
     where = "on CUDA" if on_gpu else "on a CPU"

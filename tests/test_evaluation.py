@@ -263,7 +263,7 @@ def test_recall_at_k_past_n_minus_1():
 def test_collapse_statistics_and_warnings():
     """Spread embeddings: std ~1, rank near min(N, D), no warning; a collapse to one point warns on
     the std and the rank, once per run; low code entropy warns."""
-    from ssl_sphere.evaluation.monitor import CollapseMonitor
+    from ssl_sphere.evaluation.monitor import CollapseMonitor, feature_stats
     from ssl_sphere.methods.base import StepOutput
     from ssl_sphere.sphere.stats import code_entropy, effective_rank, normalised_std
 
@@ -277,7 +277,7 @@ def test_collapse_statistics_and_warnings():
     assert code_entropy(F.one_hot(torch.zeros(8, dtype=torch.long), 10).float()).item() == pytest.approx(0.0, abs=1e-6)
 
     mon = CollapseMonitor()
-    stats, warnings = mon(StepOutput(torch.tensor(0.0), spread), features=spread)
+    stats, warnings = mon(StepOutput(torch.tensor(0.0), spread), features=feature_stats(spread))
     assert not warnings and {"embedding_std", "embedding_rank", "feature_rank"} <= set(stats)
     stats, warnings = mon(StepOutput(torch.tensor(0.0), collapsed))
     assert len(warnings) == 2 and any("embedding_std" in w for w in warnings)

@@ -143,3 +143,18 @@ def test_a_resume_with_another_weight_decay_and_momentum_trains_with_them(tmp_pa
     assert {g["weight_decay"] for g in groups if g["decay"]} == {0.01}
     assert {g["weight_decay"] for g in groups if not g["decay"]} == {0.0}
     assert {g["momentum"] for g in groups} == {0.5}
+
+
+def test_a_resume_in_place_names_no_changed_keys(tmp_path, monkeypatch, capsys):
+    """Resuming a run where it is, from a relative --output-dir, is no change of run.output_dir /
+    run.run_name ("runs" -> "/abs/runs" would be noise in the changed-keys line); a moved run is one."""
+    monkeypatch.chdir(tmp_path)
+    train(build_config(["--output-dir", "runs", "--max-steps", "1", *FAST]))
+    capsys.readouterr()
+    cfg = build_config(["--output-dir", "runs", "--resume", "auto", *FAST])
+    assert cfg.run.output_dir == "runs" and cfg.run.run_name == "r"
+    assert "changed keys" not in capsys.readouterr().out
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    build_config(["--resume", str(tmp_path / "moved" / "r" / "last.pt"), *[a for a in FAST if a != "--run-name"
+                                                                             and a != "r"]])
+    assert f"run.output_dir: runs -> {tmp_path / 'moved'}" in capsys.readouterr().out

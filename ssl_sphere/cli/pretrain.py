@@ -134,6 +134,9 @@ def build_config(argv: Optional[Sequence[str]] = None) -> DictConfig:
     if probe.run.resume == "auto" or not explicit & {"run.run_name", "run.output_dir"}:
         run_dir = os.path.dirname(os.path.abspath(ckpt_path))  # in place, wherever the run has moved to
         resumed.run.run_name, resumed.run.output_dir = os.path.basename(run_dir), os.path.dirname(run_dir)
+        if saved.run.run_name and os.path.abspath(os.path.join(saved.run.output_dir, saved.run.run_name)) == run_dir:
+            # the same directory as saved: keep its spelling, so "runs" -> "/abs/runs" is no changed key
+            resumed.run.run_name, resumed.run.output_dir = saved.run.run_name, saved.run.output_dir
     resumed.run.resume = ckpt_path
     for key in config.weight_keys(saved):
         section, name = key.split(".")

@@ -211,7 +211,7 @@ class Run:
         res = self.monitor(self.model.method, step)
         epoch = step / self.plan.steps_per_epoch
         self.logger.log(step, res, "eval", epoch=epoch)
-        stats, warnings = self.collapse(out, self.monitor.bank_features)
+        stats, warnings = self.collapse(out, self.monitor.feature_stats)
         self.logger.log(step, stats, "collapse", epoch=epoch)
         self.say(f"[ssl_sphere] step {step} (epoch {epoch:.2f}): kNN top-1 "
                  f"{res['knn_top1']:.2f}% top-5 {res['knn_top5']:.2f}% ({res['knn_seconds']:.1f}s)")

@@ -105,6 +105,8 @@ class Method(nn.Module):
     embedding_dim_key: ClassVar[str] = "proj_dim"  # the key of its section giving the embeddings' dimension
     multi_crop: ClassVar[bool] = False  # whether forward takes local crops after the two global views
     base_lr: ClassVar[float] = 0.06  # its default optim.base_lr (lr per 128 images): MoCo's CIFAR demo, 0.06 x B / 128
+    # its default optim.base_lr under AdamW (ViTs), where SGD's lrs diverge: MoCo v3's ViT lr, 1.5e-4 x B / 256
+    base_lr_adamw: ClassVar[float] = 7.5e-5
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg, see=None):
         super().__init__()

@@ -163,6 +163,7 @@ class DINO(MomentumMethod):
                   "the prototypes)")
     see_unsupported = None
     multi_crop = True  # local crops after the two global views: student only, every pair in the loss (Eq. 3)
+    base_lr_adamw = 2.5e-4  # [paper] Sec. 4.2 / main_dino.py: lr = 0.0005 x B / 256 under AdamW
 
     @classmethod
     def configure(cls, cfg, d) -> None:
