@@ -20,8 +20,8 @@ from ssl_sphere.engine.optim import build_optimizer
 from ssl_sphere.engine.train import train
 from ssl_sphere.methods.dino import (
     dino_loss,
+    dino_see_loss,
     prototype_logits,
-    see_prototype_loss,
     teacher_distribution,
     teacher_temperature,
     update_center,
@@ -266,7 +266,7 @@ def test_see_trains_the_prototypes_only():
         probs = teacher_distribution(m._logits(teacher, m._bottleneck(teacher, x)), m.center, 0.04).unflatten(0, (2, B))
     last = student[1].last_layer
     torch.manual_seed(5)
-    see_loss = see_prototype_loss(z, probs, last.weight_v, last.weight_g, 4, 1.0, 0.1)
+    see_loss = dino_see_loss(z, probs, last.weight_v, last.weight_g, 4, 1.0, 0.1)
     torch.testing.assert_close(see_loss, out.logs["see_loss"])
     params = [last.weight_v, *m.backbone.parameters(), *student[1].layers.parameters()]
     grads = torch.autograd.grad(see_loss, params, allow_unused=True)

@@ -21,7 +21,7 @@ from ssl_sphere.core import checkpoint, dist
 from ssl_sphere.engine.optim import build_optimizer
 from ssl_sphere.engine.step import TrainStep
 from ssl_sphere.engine.train import train
-from ssl_sphere.methods.swav import see_prototype_loss, sinkhorn, swav_loss
+from ssl_sphere.methods.swav import sinkhorn, swav_loss, swav_see_loss
 from ssl_sphere.models.pretrained import export, load_pretrained
 from ssl_sphere.models.ssl_model import build_model
 from ssl_sphere.sphere.stats import code_entropy
@@ -162,7 +162,7 @@ def test_see_trains_the_prototypes_only():
     torch.manual_seed(0)
     z, w = _raw(6, 12, 10).requires_grad_(), _unit(5, 12, 11).requires_grad_()
     assigned = torch.tensor([0, 1, 2, 3, 4, 0])
-    see_prototype_loss(z, w, assigned, 4, 0.5, 0.1).backward()
+    swav_see_loss(z, w, assigned, 4, 0.5, 0.1).backward()
     assert z.grad is None and w.grad.abs().sum() > 0
     cfg = make_cfg(**{"see.enabled": True, "see.n": 4})
     model = build_model(cfg)

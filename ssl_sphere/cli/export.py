@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ssl_sphere checkpoint (e.g. runs/<run>/last.pt)")
     p.add_argument("--out", required=True, metavar="FILE.pt", help="where to write the state_dict (+ FILE.json)")
     p.add_argument("--part", default="backbone", choices=("backbone", "momentum_backbone"),
-                   help="backbone (default) or MoCo's / BYOL's momentum encoder")
+                   help="backbone (default) or the momentum encoder of MoCo, BYOL, MoCo v3 or DINO (DINO's teacher)")
     return p
 
 

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, metavar="N",
                    help="stop after N optimiser steps (schedules still span --epochs); for smoke runs")
     p.add_argument("--batch-size", type=int, metavar="N", help="batch size per process")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.06 x batch / 128)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: optim.base_lr x global batch / 128, "
+                   "base_lr the method's: 0.06 SGD / LARS, SimSiam 0.015; 7.5e-5 AdamW, DINO 2.5e-4)")
     p.add_argument("--device", choices=config.DEVICE_CHOICES, help="training device (default auto: cuda if available)")
     p.add_argument("--output-dir", metavar="DIR", help="parent of run directories (default: runs/)")
     p.add_argument("--run-name", metavar="NAME",

@@ -135,7 +135,7 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
 
 
 @float32
-def see_prototype_loss(z: torch.Tensor, teacher_probs: torch.Tensor, weight_v: torch.Tensor,
+def dino_see_loss(z: torch.Tensor, teacher_probs: torch.Tensor, weight_v: torch.Tensor,
                        weight_g: torch.Tensor, n: int, fraction: float, student_temp: float) -> torch.Tensor:
     """SEE around the prototypes (module docstring): for every pair (t, s != t), the ``fraction`` of the
     samples whose unit student bottleneck of view s is closest to its teacher prototype (argmax of view
@@ -231,7 +231,7 @@ class DINO(MomentumMethod):
         frac = self.see_fraction()
         if frac > 0:
             last = student[1].last_layer
-            see_loss = see_prototype_loss(z.unflatten(0, (s, b)), probs, last.weight_v, last.weight_g, self.see.n,
+            see_loss = dino_see_loss(z.unflatten(0, (s, b)), probs, last.weight_v, last.weight_g, self.see.n,
                                           frac, c.student_temp)
             loss = loss + self.see.weight * see_loss
             logs["see_loss"] = see_loss.detach()

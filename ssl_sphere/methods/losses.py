@@ -21,12 +21,13 @@ from ..sphere.see import see_expand, see_select
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """The one-process gather / all-reduce: x itself."""
     return x
 
 
 @float32
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: Gather = _identity,
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: Gather = identity,
             rank: int = 0) -> torch.Tensor:
     """SimCLR NT-Xent (Chen et al. 2020, Eq. 1), mean over the 2B anchors.
 

@@ -15,7 +15,9 @@ Follows the authors' code (facebookresearch/swav, main_swav.py) where lightly di
   code_entropy and SEE need; tests/test_method_swav.py checks the two equal;
 * both views go through the backbone as one batch (BN statistics over both), as the authors'
   forward does for crops of one resolution (lightly's benchmark runs one forward per view);
-* two views only: the project's Augmenter makes two (no multi-crop); the loss takes any number.
+* multi-crop (Sec. 3.2) as the authors': the two global views are encoded as one batch, each group
+  of local crops as another; codes only for the global views (crops_for_assign 0 1), predictions
+  for every view.
 """
 
 from __future__ import annotations
@@ -32,15 +34,11 @@ from ..core import dist
 from ..core.numerics import float32
 from ..sphere.stats import code_entropy
 from .base import Method, StepOutput, check, encode_views, register
-from .losses import see_prototype_points
+from .losses import identity, see_prototype_points
 from .queue import NegativeQueue
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 VIEWS = 2  # the global views, whose codes are computed (crops_for_assign 0 1), one queue each
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 @dataclass
@@ -66,7 +64,7 @@ class SwAVConfig:
 # ----------------------------------------------------------------------------- pure functions
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05,
-             all_reduce: Reduce = _identity) -> torch.Tensor:
+             all_reduce: Reduce = identity) -> torch.Tensor:
     """Codes by Sinkhorn-Knopp (SwAV Sec. 3.1, Eq. 3; distributed_sinkhorn of main_swav.py).
 
     scores: (N, K) cosines of this rank's N samples to the K prototypes; all_reduce: sums a tensor
@@ -88,7 +86,7 @@ def sinkhorn(scores: torch.Tensor, iterations: int = 3, epsilon: float = 0.05,
 @float32
 def swav_loss(z: torch.Tensor, prototypes: torch.Tensor, views: int, temperature: float = 0.1,
               iterations: int = 3, epsilon: float = 0.05, queue: Optional[torch.Tensor] = None,
-              all_reduce: Reduce = _identity, assign: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+              all_reduce: Reduce = identity, assign: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Swapped prediction (SwAV Eq. 1-2; main_swav.py), the MEAN over the views whose codes are
     predicted and, for each, over the other views.
 
@@ -118,7 +116,7 @@ def swav_loss(z: torch.Tensor, prototypes: torch.Tensor, views: int, temperature
 
 
 @float32
-def see_prototype_loss(z: torch.Tensor, prototypes: torch.Tensor, assigned: torch.Tensor, n: int, fraction: float,
+def swav_see_loss(z: torch.Tensor, prototypes: torch.Tensor, assigned: torch.Tensor, n: int, fraction: float,
                        temperature: float) -> torch.Tensor:
     """SEE with the prototypes as proxies: around each confident sample's assigned prototype, n
     synthetic unit points with the sample's cosine to it (see_expand); detached, they are
@@ -260,7 +258,7 @@ class SwAV(Method):
         code), summed over the two directions as MoCo's and SimCLR's SEE terms."""
         zs, assigned = z[: codes.shape[0]].chunk(VIEWS), [c.argmax(1) for c in codes.chunk(VIEWS)]
         w, n, t = self.prototypes.weight, self.see.n, self.cfg.temperature
-        return [see_prototype_loss(zs[v], w, assigned[i], n, frac, t)
+        return [swav_see_loss(zs[v], w, assigned[i], n, frac, t)
                 for i in range(VIEWS) for v in range(VIEWS) if v != i]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
