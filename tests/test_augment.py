@@ -150,7 +150,10 @@ def test_sample_crops_integer_inside_the_image_and_covering_the_ranges(h, w):
 
 @pytest.mark.parametrize("h,w,scale,ratio", [(32, 32, (0.2, 1.0), (3 / 4, 4 / 3)),
                                              (96, 128, (0.08, 1.0), (3 / 4, 4 / 3)),
-                                             (24, 40, (0.5, 1.0), (0.5, 2.0))])
+                                             (24, 40, (0.5, 1.0), (0.5, 2.0)),
+                                             # DINO's local crops (multi-crop view groups draw with their scale)
+                                             (32, 32, (0.05, 0.4), (3 / 4, 4 / 3)),
+                                             (224, 224, (0.05, 0.4), (3 / 4, 4 / 3))])
 def test_sample_crops_match_torchvision_get_params(h, w, scale, ratio):
     """Two-sample KS tests against torchvision's own sampler on area, aspect ratio and position."""
     from scipy.stats import ks_2samp
