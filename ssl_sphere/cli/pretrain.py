@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sec-ema", type=float, metavar="RHO",
                    help="EMA variant of SEC: mu_t = (1-RHO) mu_{t-1} + RHO * batch mean, RHO in (0, 1] (implies --sec)")
     p.add_argument("--see", action="store_true",
-                   help="spherical embedding expansion (MoCo: synthetic negatives; SimCLR: auxiliary InfoNCE); "
+                   help="spherical embedding expansion: synthetic points as extra negatives (MoCo, MoCo v3), "
+                        "anchors of an auxiliary InfoNCE (SimCLR, NNCLR) or around prototypes (DINO, SwAV); "
                         "see.* keys")
     p.add_argument("--vmf", action="store_true",
                    help="auxiliary vMF loss on spherical k-means pseudo-classes (vmf.k, vmf.kappa, vmf.weight, ...)")
