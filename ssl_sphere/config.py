@@ -145,7 +145,9 @@ class VmfConfig:
 class OptimConfig:
     """Optimiser and schedules: linear warm-up then cosine (schedules are functions of progress)."""
 
-    optimizer: str = "sgd"  # sgd | lars (large batches) | adamw (ViTs: decoupled weight decay)
+    # sgd | lars (large batches) | adamw (decoupled weight decay); None: adamw for ViTs (their papers' optimiser;
+    # SGD at a ResNet's lr diverges a ViT), sgd otherwise
+    optimizer: Optional[str] = None
     epochs: int = 15  # training length; sets the lr / momentum / SEC schedules
     max_steps: Optional[int] = None  # stop after this many optimiser steps (schedule unchanged)
     batch_size: int = 64  # per process
@@ -155,7 +157,9 @@ class OptimConfig:
     base_lr: Optional[float] = None
     momentum: float = 0.9  # SGD / LARS momentum
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas (torch's default)
-    weight_decay: float = 5e-4  # on weights (norms and biases: see decay_norm_and_bias); the start of a wd schedule
+    # on weights (norms and biases: see decay_norm_and_bias); the start of a wd schedule. None: 5e-4 under SGD /
+    # LARS (MoCo's CIFAR demo, lightly's benchmark); under AdamW the method's (0.1, MoCo v3's ViT value; DINO 0.04)
+    weight_decay: Optional[float] = None
     weight_decay_end: Optional[float] = None  # cosine from weight_decay to this over training (DINO); None: constant
     clip_grad: float = 0.0  # clip each parameter's gradient norm to this (DINO's clip_gradients); 0: off
     warmup_epochs: float = 1.0  # linear lr warm-up
@@ -426,7 +430,6 @@ def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
     _check_choice("model.backbone", c.model.backbone, BACKBONE_CHOICES)
     _check_choice("run.device", c.run.device, DEVICE_CHOICES)
     _check_choice("run.precision", c.run.precision, PRECISION_CHOICES)
-    _check_choice("optim.optimizer", c.optim.optimizer, OPTIMIZER_CHOICES)
     _check_choice("sec.ramp", c.sec.ramp, RAMP_CHOICES)
     # YAML reads yes / no / off as booleans, which reach these string fields as "True" / "False"
     c.data.on_device = {"True": "yes", "False": "no"}.get(c.data.on_device, c.data.on_device)
@@ -468,7 +471,13 @@ def resolve(cfg: DictConfig, machine: Optional[Machine] = None) -> DictConfig:
                "no blur at <= 64 px (SimCLR Appendix B.9)" if small else "DINO's local crops: p 0.5")
     # from the method (cross-section defaults and its own checks)
     method_cls.configure(c, d)
+    vit = c.model.backbone in VIT_CHOICES
+    d.fill("optim.optimizer", "adamw" if vit else "sgd",
+           f"{c.model.backbone} is a ViT: AdamW, as the ViT papers" if vit else "SGD for a convnet")
+    _check_choice("optim.optimizer", c.optim.optimizer, OPTIMIZER_CHOICES)
     adamw = c.optim.optimizer == "adamw"
+    d.fill("optim.weight_decay", method_cls.weight_decay_adamw if adamw else 5e-4,
+           f"{c.method.name}'s decoupled weight decay under AdamW" if adamw else "SGD / LARS weight decay")
     d.fill("optim.base_lr", method_cls.base_lr_adamw if adamw else method_cls.base_lr,
            f"{c.method.name}'s lr per 128 images" + (" under AdamW" if adamw else ""))
     # from the machine

@@ -87,9 +87,16 @@ def test_adamw_groups_weight_decay_schedule_and_clipping():
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.optim)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
-    # the default lr under AdamW is the ViT papers' (SGD's 0.06 per 128 diverges a ViT under AdamW)
-    assert cfg.optim.base_lr == 7.5e-5 and vit_cfg("simclr").optim.base_lr == 0.06
-    assert vit_cfg("dino", "optim.optimizer=adamw").optim.base_lr == 2.5e-4
+    # a ViT gets AdamW by default, with the ViT papers' lr and weight decay (SGD's 0.06 per 128 diverges a
+    # ViT); a convnet keeps SGD, and an asked optimiser is kept
+    plain = vit_cfg("simclr").optim
+    assert (plain.optimizer, plain.base_lr, plain.weight_decay) == ("adamw", 7.5e-5, 0.1)
+    dino = vit_cfg("dino").optim
+    assert (dino.optimizer, dino.base_lr, dino.weight_decay) == ("adamw", 2.5e-4, 0.04)
+    sgd = vit_cfg("simclr", "optim.optimizer=sgd").optim
+    assert (sgd.optimizer, sgd.base_lr, sgd.weight_decay) == ("sgd", 0.06, 5e-4)
+    conv = build_config(["--method", "dino", "run.progress=false"]).optim
+    assert (conv.optimizer, conv.base_lr, conv.weight_decay) == ("sgd", 0.06, 5e-4)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     kept = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}

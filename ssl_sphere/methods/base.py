@@ -107,6 +107,7 @@ class Method(nn.Module):
     base_lr: ClassVar[float] = 0.06  # its default optim.base_lr (lr per 128 images): MoCo's CIFAR demo, 0.06 x B / 128
     # its default optim.base_lr under AdamW (ViTs), where SGD's lrs diverge: MoCo v3's ViT lr, 1.5e-4 x B / 256
     base_lr_adamw: ClassVar[float] = 7.5e-5
+    weight_decay_adamw: ClassVar[float] = 0.1  # its default weight decay under AdamW: MoCo v3's ViT value
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg, see=None):
         super().__init__()

@@ -164,6 +164,7 @@ class DINO(MomentumMethod):
     see_unsupported = None
     multi_crop = True  # local crops after the two global views: student only, every pair in the loss (Eq. 3)
     base_lr_adamw = 2.5e-4  # [paper] Sec. 4.2 / main_dino.py: lr = 0.0005 x B / 256 under AdamW
+    weight_decay_adamw = 0.04  # [paper] Sec. 4.2 / main_dino.py: 0.04 (cosine to 0.4 in the recipes)
 
     @classmethod
     def configure(cls, cfg, d) -> None:
