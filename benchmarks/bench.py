@@ -1,9 +1,14 @@
 """Benchmark harness: augmentation throughput and training-step throughput.
 
     python benchmarks/bench.py augment [--device cpu|cuda|auto] [--sizes 32,96,224] [--batch 256] [--repeats N] [--json]
-    python benchmarks/bench.py step --method {simclr,moco,byol} [--config RECIPE.yaml] [--backbone resnet18]
+    python benchmarks/bench.py step --method METHOD [--config RECIPE.yaml] [--backbone resnet18]
         [--batch 128] [--image-size 32] [--sec] [--device ...] [--steps 5] [--warmup 1] [--profile]
         [--compare-lightly] [--threads N] [--json] [--out FILE.json] [section.key=value ...]
+    python benchmarks/bench.py multicrop [--device ...] [--sizes 32,224] [--local-crops 6] [--batch 256]
+        [--repeats N] [--json] [--out FILE.json]
+
+METHOD: any registered method (ssl_sphere.methods.names(): simclr, moco, byol, simsiam, mocov3, nnclr,
+dino, swav); ``--compare-lightly`` works for each (reference_pipelines.LIGHTLY_METHODS).
 
 ``augment`` times two SimCLR views of one uint8 batch per image size for
   * ``ssl_sphere``: :class:`ssl_sphere.augment.views.Augmenter` (simclr config; blur p 0.5 above 64 px),
@@ -17,15 +22,24 @@ JPEG decoding is timed for anyone).
 ``step`` times the full ssl_sphere training step -- uint8 batch indexing -> Augmenter.views -> SSLModel
 forward (method + SEC) -> backward -> optimiser step -> after_step, i.e. ``train.TrainStep``, the object the
 training loop calls -- against a backbone-only step (same backbone architecture, forward/backward of the same two
-view batches with ``sum`` of the features as the loss, same optimiser type and parameter groups). MoCo and BYOL
-also run a forward of an EMA copy of the backbone on both views; that floor is reported as
-``backbone_plus_ema_fwd``. ``--compare-lightly`` adds lightly's reference pipeline (per-sample transforms in a
-DataLoader with one worker per core, lightly heads / losses / update_momentum) on the same backbone and data.
+view batches with ``sum`` of the features as the loss, same optimiser type and parameter groups). The methods
+with an EMA copy of the backbone (MoCo, BYOL, MoCo v3, DINO) also run its forward on both views; that floor
+is reported as ``backbone_plus_ema_fwd``. ``--compare-lightly`` adds lightly's reference pipeline
+(per-sample transforms in a DataLoader with one worker per core, lightly heads / losses / update_momentum)
+on the same backbone and data.
+
+``multicrop`` times DINO's multi-crop views (2 global views at S px + ``--local-crops`` local crops at 96/224
+of S, DINO's parameters: the resolved ``--method dino`` aug config with aug.local_crops=N) of one uint8 batch:
+  * ``ssl_sphere``: :class:`ssl_sphere.augment.views.Augmenter` (one batched pass per view group),
+  * ``lightly_dino_cpu``: lightly's ``DINOTransform`` with the same parameters per PIL image, in ONE process
+    with one torch thread (one DataLoader worker, as ``torchvision_cpu`` above).
+views/s counts every view (global and local): (2 + N) x batch per call.
 
 Timing: warm-up iterations, then timed repeats (torch.cuda.synchronize on CUDA); the median is reported.
 Pipelines of one measurement run round-robin (one repeat each in turn), so a change in machine load hits
-them alike. With ``--json`` the last stdout line is one JSON object (``augment``: one line per size, the
-requested order); ``--out FILE`` also writes a record with the command, machine, versions and load averages.
+them alike. With ``--json`` the last stdout line is one JSON object (``augment`` and ``multicrop``: one
+line per size, the requested order); ``--out FILE`` also writes a record with the command, machine,
+versions and load averages.
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ from ssl_sphere.data.listing import IMAGE_EXTENSIONS
 from ssl_sphere.engine.device import bf16_enabled, cpu_name, resolve_device
 from ssl_sphere.engine.optim import build_optimizer
 from ssl_sphere.engine.step import TrainStep, place_images
+from ssl_sphere.methods import names as method_names
 from ssl_sphere.models.backbones import backbone_of
 from ssl_sphere.models.ssl_model import build_model, refresh_vmf
 
@@ -64,6 +79,7 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 DEFAULT_DATA = Path(os.environ.get("SSL_SPHERE_CIFAR10",
                                    Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"))
 AUG_PIPELINES = ("ssl_sphere", "ssl_sphere_yiq", "kornia_stock", "torchvision_cpu")
+MULTICROP_PIPELINES = ("ssl_sphere", "lightly_dino_cpu")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -197,6 +213,20 @@ class _Threads:
         torch.set_num_threads(self.old)
 
 
+def per_image(transform, images: torch.Tensor) -> Callable[[], List[torch.Tensor]]:
+    """A call of lightly's per-sample ``transform`` on every image (as PIL images, built here, untimed) in
+    this process with one torch thread, i.e. what one DataLoader worker does; the views are stacked per
+    view, as the DataLoader's collate does."""
+    pil = to_pil(images)
+
+    def run() -> List[torch.Tensor]:
+        with _Threads(1):
+            views = [transform(im) for im in pil]
+            return [torch.stack(v) for v in zip(*views)]
+
+    return run
+
+
 def bench_augment_size(size: int, batch: int, device: torch.device, data: str, root: Path, warmup: int,
                        repeats: int, budget_s: float, pipelines: Sequence[str]) -> Tuple[Dict, Dict]:
     a = simclr_aug_cfg(size)
@@ -223,15 +253,7 @@ def bench_augment_size(size: int, batch: int, device: torch.device, data: str, r
 
         fns["kornia_stock"] = kornia_views
     if "torchvision_cpu" in pipelines:
-        pil = to_pil(images)
-        tv = lightly_view_transform("simclr", a, size, mean, std)
-
-        def torchvision_views():
-            with _Threads(1):
-                views = [tv(im) for im in pil]
-                return torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
-
-        fns["torchvision_cpu"] = torchvision_views
+        fns["torchvision_cpu"] = per_image(lightly_view_transform("simclr", a, size, mean, std), images)
 
     times = run_round_robin(fns, device, warmup, repeats, budget_s)
     vps = {k: round(2 * batch / statistics.median(t), 1) for k, t in times.items()}
@@ -242,41 +264,110 @@ def bench_augment_size(size: int, batch: int, device: torch.device, data: str, r
     return result, extra
 
 
-def augment_main(args) -> List[Dict]:
+def views_setup(args, allowed: Sequence[str], title: str,
+                per_image_note: str) -> Tuple[torch.device, Path, List[int], List[str]]:
+    """The device, data root, sizes and pipelines of an ``augment`` / ``multicrop`` command (threads set),
+    after printing its header: ``title`` and what its per-PIL-image pipeline is."""
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    root = Path(args.data_root)
     sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
     pipelines = [p for p in args.pipelines.split(",") if p]
-    bad = sorted(set(pipelines) - set(AUG_PIPELINES))
+    bad = sorted(set(pipelines) - set(allowed))
     if bad:
-        raise SystemExit(f"unknown pipelines {bad}; choose from {', '.join(AUG_PIPELINES)}")
-    say(f"# augment benchmark | device {device} | torch threads {torch.get_num_threads()} | batch {args.batch} | "
+        raise SystemExit(f"unknown pipelines {bad}; choose from {', '.join(allowed)}")
+    say(f"# {title} | device {device} | torch threads {torch.get_num_threads()} | batch {args.batch} | "
         f"warmup {args.warmup}, repeats <= {args.repeats} (stop after {args.max_seconds:.0f}s per pipeline, min 3) | "
         f"load avg {load_avg()}")
-    say("# torchvision_cpu = lightly SimCLRTransform per PIL image, one process, one torch thread "
-        "(one DataLoader worker; n workers give at most n x)")
+    say(f"# {per_image_note} per PIL image, one process, one torch thread (one DataLoader worker; n workers give at "
+        "most n x)")
+    return device, Path(args.data_root), sizes, pipelines
+
+
+def views_rows(res: Dict, extra: Dict, width: int, per_call: str) -> None:
+    """Print one size's pipelines: views/s, ms per call, repeats, ssl_sphere's speed-up over each."""
+    v = res["views_per_s"]
+    say(f"{'pipeline':<{width}} {'views/s':>10} {per_call:>18} {'repeats':>8} {'ssl_sphere speed-up':>20}")
+    for k in v:
+        up = v.get("ssl_sphere", float("nan")) / v[k]
+        say(f"{k:<{width}} {v[k]:>10.1f} {1000 * extra['median_s'][k]:>18.1f} {extra['repeats'][k]:>8d} {up:>19.1f}x")
+
+
+def views_output(args, kind: str, results: List[Dict], extras: List[Dict]) -> List[Dict]:
+    """--json: one line per size; --out: the record."""
+    if args.json:
+        for res in results:
+            print(json.dumps(res), flush=True)
+    if args.out:
+        write_record(args.out, kind, results, extras)
+    return results
+
+
+def augment_main(args) -> List[Dict]:
+    device, root, sizes, pipelines = views_setup(args, AUG_PIPELINES, "augment benchmark",
+                                                 "torchvision_cpu = lightly SimCLRTransform")
     results, extras = [], []
     for size in sizes:
         res, extra = bench_augment_size(size, args.batch, device, args.data, root, args.warmup, args.repeats,
                                         args.max_seconds, pipelines)
         results.append(res)
         extras.append(extra)
-        v = res["views_per_s"]
         say(f"\nimage size {size} px | data: {extra['data']} | blur "
             + (f"p {extra['blur_p']} k {extra['blur_kernel']}" if extra["blur_kernel"] else "off")
             + f" | load avg {load_avg()}")
-        say(f"{'pipeline':<16} {'views/s':>10} {'ms/batch(2 views)':>18} {'repeats':>8} {'ssl_sphere speed-up':>20}")
-        for k in v:
-            up = v.get("ssl_sphere", float("nan")) / v[k]
-            say(f"{k:<16} {v[k]:>10.1f} {1000 * extra['median_s'][k]:>18.1f} {extra['repeats'][k]:>8d} {up:>19.1f}x")
-    if args.json:
-        for res in results:
-            print(json.dumps(res), flush=True)
-    if args.out:
-        write_record(args.out, "augment", results, extras)
-    return results
+        views_rows(res, extra, 16, "ms/batch(2 views)")
+    return views_output(args, "augment", results, extras)
+
+
+# ----------------------------------------------------------------------------- multi-crop augment
+def dino_aug_cfg(size: int, local_crops: int):
+    """The resolved ``aug`` section of the dino config at ``size`` with ``local_crops`` local crops
+    (local side 96/224 of size; blur 1.0 / 0.1 / 0.5 above 64 px, none at <= 64 px; solarisation 0 / 0.2 / 0)."""
+    return build_config(["--method", "dino", f"data.image_size={size}", f"aug.local_crops={local_crops}",
+                         "eval.every_epochs=0"]).aug
+
+
+def bench_multicrop_size(size: int, local_crops: int, batch: int, device: torch.device, data: str, root: Path,
+                         warmup: int, repeats: int, budget_s: float, pipelines: Sequence[str]) -> Tuple[Dict, Dict]:
+    a = dino_aug_cfg(size, local_crops)
+    images, src = sample_images(batch, size, data, root)
+    x = images.to(device)
+    mean, std = CIFAR_MEAN, CIFAR_STD
+    fns: Dict[str, Callable[[], None]] = {}
+    if "ssl_sphere" in pipelines:
+        ours = Augmenter(a, size, mean, std).to(device)
+        fns["ssl_sphere"] = lambda: ours.views(x)
+    if "lightly_dino_cpu" in pipelines:
+        fns["lightly_dino_cpu"] = per_image(lightly_view_transform("dino", a, size, mean, std), images)
+    times = run_round_robin(fns, device, warmup, repeats, budget_s)
+    n_views = (2 + local_crops) * batch
+    vps = {k: round(n_views / statistics.median(t), 1) for k, t in times.items()}
+    result = {"device": device.type, "image_size": size, "local_size": a.local_size if local_crops else None,
+              "local_crops": local_crops, "batch": batch, "views_per_s": vps}
+    extra = {"data": src, "repeats": {k: len(t) for k, t in times.items()},
+             "median_s": {k: statistics.median(t) for k, t in times.items()},
+             "blur_p": list(a.blur_p) + ([a.local_blur_p] if local_crops else []),
+             "solarize_p": list(a.solarize_p) + ([a.local_solarize_p] if local_crops else []),
+             "crop_scale": list(a.crop_scale), "local_crop_scale": list(a.local_crop_scale) if local_crops else None}
+    return result, extra
+
+
+def multicrop_main(args) -> List[Dict]:
+    if args.local_crops < 0:
+        raise SystemExit("--local-crops must be >= 0")
+    device, root, sizes, pipelines = views_setup(
+        args, MULTICROP_PIPELINES, f"multi-crop benchmark | 2 global + {args.local_crops} local crops (DINO)",
+        "lightly_dino_cpu = lightly DINOTransform")
+    results, extras = [], []
+    for size in sizes:
+        res, extra = bench_multicrop_size(size, args.local_crops, args.batch, device, args.data, root, args.warmup,
+                                          args.repeats, args.max_seconds, pipelines)
+        results.append(res)
+        extras.append(extra)
+        say(f"\nglobal {size} px, local {res['local_size']} px | data: {extra['data']} | blur p {extra['blur_p']} | "
+            f"solarize p {extra['solarize_p']} | load avg {load_avg()}")
+        views_rows(res, extra, 18, "ms/batch")
+    return views_output(args, "multicrop", results, extras)
 
 
 # ----------------------------------------------------------------------------- step
@@ -338,9 +429,10 @@ class PipelineStep:
 class BackboneStep:
     """Backbone-only step on fixed views: forward of each view, loss = sum of the features,
     backward, optimiser step (same builder as training: same type and parameter groups).
-    ``ema_forward``: also a no-grad forward of an EMA copy on both views (MoCo / BYOL floor)."""
+    ``ema_forward``: also a no-grad forward of an EMA copy on the two global views (the floor of
+    the methods with an EMA backbone: MoCo, BYOL, MoCo v3, DINO)."""
 
-    def __init__(self, cfg, views: Tuple[torch.Tensor, torch.Tensor], device: torch.device, ema_forward: bool):
+    def __init__(self, cfg, views: Sequence[torch.Tensor], device: torch.device, ema_forward: bool):
         backbone, _ = backbone_of(cfg.model, cfg.data.image_size)
         self.backbone = backbone.to(device)
         if cfg.model.channels_last:
@@ -358,12 +450,12 @@ class BackboneStep:
             self.target.train()
 
     def __call__(self) -> None:
-        v1, v2 = self.views
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            loss = self.backbone(v1).float().sum() + self.backbone(v2).float().sum()
+            loss = sum(self.backbone(v).float().sum() for v in self.views)
             if self.target is not None:
                 with torch.no_grad():
-                    self.target(v1), self.target(v2)
+                    for v in self.views[:2]:
+                        self.target(v)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -390,7 +482,7 @@ def step_main(args) -> Dict:
         pipe.phases = {}
     views = pipe.views()
     fns = {"ssl_sphere": pipe, "backbone_only": BackboneStep(cfg, views, device, ema_forward=False)}
-    if cfg.method.name in ("moco", "byol"):
+    if pipe.model.method.momentum_backbone() is not None:  # an EMA backbone: MoCo, BYOL, MoCo v3, DINO
         fns["backbone_plus_ema_fwd"] = BackboneStep(cfg, views, device, ema_forward=True)
     times = run_round_robin(fns, device, args.warmup, args.steps, budget_s=float("inf"))
     phases = {k: round(statistics.median(v[args.warmup:] or v), 4) for k, v in (pipe.phases or {}).items()}
@@ -405,6 +497,8 @@ def step_main(args) -> Dict:
         del fns, pipe  # free memory before the next model
         lstep = LightlyStep(cfg, images, mean, std, device, n_calls, workers)
         times.update(run_round_robin({"lightly": lstep}, device, args.warmup, args.steps, budget_s=float("inf")))
+        if not torch.isfinite(lstep.last_loss).item():
+            raise RuntimeError("lightly's reference step produced a non-finite loss")
         del lstep
     vps = {k: round(2 * b / statistics.median(t), 2) for k, t in times.items()}
     ratio = vps["ssl_sphere"] / vps["backbone_only"]
@@ -487,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CIFAR-10 image folder (default ../shared/data/cifar10 or $SSL_SPHERE_CIFAR10)")
         q.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's default)")
         q.add_argument("--warmup", type=int, default=2,
-                       help="untimed warm-up calls per pipeline (default: augment 2, step 1)")
+                       help="untimed warm-up calls per pipeline (default: augment / multicrop 2, step 1)")
 
     a = sub.add_parser("augment",
                        help="views/s of two SimCLR views: ssl_sphere vs stock Kornia vs torchvision (lightly)",
@@ -503,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("step", help="training-step views/s: ssl_sphere pipeline vs backbone-only (vs lightly)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common(s)
-    s.add_argument("--method", required=True, choices=("simclr", "moco", "byol"))
+    s.add_argument("--method", required=True, choices=method_names(), help="a registered method")
     s.add_argument("--config", metavar="FILE.yaml", help="a recipe (e.g. configs/cifar10/moco.yaml) as the base "
                    "config: its backbone, batch, queue, heads, optimiser; the flags below override it")
     s.add_argument("--backbone", default=None, help="default resnet18, or the recipe's (tiny, resnet34, resnet50, ...)")
@@ -520,6 +614,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader workers for --compare-lightly (default: cpu count)")
     s.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides (after the options), e.g. model.channels_last=true method.queue_size=4096")
+
+    m = sub.add_parser("multicrop", help="views/s of DINO's multi-crop views: ssl_sphere vs lightly DINOTransform",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(m)
+    m.add_argument("--sizes", default="32,224", help="comma-separated global crop sizes (default 32,224)")
+    m.add_argument("--local-crops", type=int, default=6, help="local crops per image (default 6, DINO's)")
+    m.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
+    m.add_argument("--repeats", type=int, default=10, help="timed repeats per pipeline (default 10)")
+    m.add_argument("--max-seconds", type=float, default=60.0,
+                   help="stop timing a pipeline once its repeats add up to this (min 3 repeats; default 60)")
+    m.add_argument("--pipelines", default=",".join(MULTICROP_PIPELINES), help="subset to run (default: both)")
     return p
 
 
@@ -532,6 +637,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit("--warmup must be >= 0 and --repeats / --steps >= 1")
     if args.cmd == "augment":
         augment_main(args)
+    elif args.cmd == "multicrop":
+        multicrop_main(args)
     else:
         step_main(args)
     return 0

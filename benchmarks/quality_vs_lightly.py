@@ -5,6 +5,9 @@
     python benchmarks/quality_vs_lightly.py --table-only benchmarks/results/quality_vs_lightly_cpu.json \
         --write README.md docs/benchmarks/quality.md          # re-render a record's table where it is cited
 
+--methods takes any registered method (default simclr moco byol; also simsiam, mocov3, nnclr,
+dino, swav: lightly's pipeline for each is in reference_pipelines.py).
+
 Both libraries get the same data (a stratified 10,000-image subset of the CIFAR-10 folder,
 decoded once by ssl_sphere's cache and handed to lightly as the same pixels), the same
 torchvision ResNet-18 with the small-image stem, the same batch, number of steps, SGD
@@ -14,7 +17,8 @@ method hyper-parameters where both expose them (heads, temperature, queue, EMA m
 epochs of the subset; --steps may stop before its end). Each library does the rest its own
 way: ssl_sphere its training loop (on-device augmentation, split BN + key shuffle for MoCo,
 its losses); lightly its transforms in DataLoader workers, heads, losses (NTXentLoss with a
-memory bank, NegativeCosineSimilarity) and update_momentum, as in lightly's examples.
+memory bank, NegativeCosineSimilarity, NNMemoryBankModule, DINOLoss, SwaVLoss; MoCo v3's ctr from
+torch's cross-entropy) and update_momentum, as in lightly's examples and CIFAR-10 benchmark.
 
 Evaluation, identical for both: kNN top-1 (k 200, T 0.1) of the backbone's features, bank =
 the 10,000 pretraining images, queries = 2,000 stratified test images; seeds 0, 1, 2; and each
@@ -46,6 +50,7 @@ from ssl_sphere.data.splits import stratified_subset
 from ssl_sphere.engine.train import train
 from ssl_sphere.evaluation.features import extract_features
 from ssl_sphere.evaluation.protocols import knn_accuracy
+from ssl_sphere.methods import names as method_names
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = Path(os.environ.get("SSL_SPHERE_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
@@ -90,7 +95,8 @@ def run_lightly(cfg, splits, device, steps: int, workers: int, seed: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=str(CIFAR))
-    p.add_argument("--methods", nargs="+", default=["simclr", "moco", "byol"])
+    p.add_argument("--methods", nargs="+", default=["simclr", "moco", "byol"], choices=method_names(),
+                   metavar="METHOD", help="registered methods (default simclr moco byol): " + ", ".join(method_names()))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=64)
@@ -180,8 +186,10 @@ def block(record: str) -> str:
 
 
 def table(rows) -> str:
+    """One line per method of the rows: the random network first, then the methods in the registry's order."""
     lines = ["| method | ssl_sphere | lightly |", "| --- | --- | --- |"]
-    for method in ("random_init", "simclr", "moco", "byol"):
+    present = {r["method"] for r in rows}
+    for method in ["random_init"] + [m for m in method_names() if m in present]:
         cells = []
         for library in ("ssl_sphere", "lightly"):
             xs = [r["knn_top1"] for r in rows if r["library"] == library and r["method"] == method]
