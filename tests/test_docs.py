@@ -215,7 +215,7 @@ def test_a_broken_snippet_fails_and_markers_need_a_reason(tmp_path):
     with pytest.raises(ValueError, match="needs a reason"):
         python_blocks(page)
     page.write_text("<!-- not-runnable: needs a GPU -->\n```python\nimport cuda_only\n```\n\n"
-                    "- in a list:\n\n  ```python\n  assert 1 + 1 == 3, 'broken'\n  ```\n")
+                    "- in a list:\n\n  ```python\n  assert sum([1, 1]) == 3, 'broken'\n  ```\n")
     (_, _, reason), (_, code, none) = python_blocks(page)
     assert reason == "needs a GPU" and none is None
     with pytest.raises(AssertionError, match="broken"):
